@@ -1,0 +1,132 @@
+"""Model configuration: one flat dataclass, named presets kept as data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+NormKind = Literal["rmsnorm", "layernorm"]
+MLPKind = Literal["swiglu", "geglu", "gelu"]
+PositionKind = Literal["rope", "learned"]
+RopeScaling = Literal["none", "linear", "llama3"]
+AttnImpl = Literal["sdpa", "math"]
+
+
+@dataclass
+class Config:
+    """Everything that decides a decoder-only transformer's shape and arithmetic.
+
+    Layer choices are names (``Literal``) so a config round-trips through JSON; derived
+    fields (``head_dim``, ``n_kv_head``, ``layer_types``) are filled in ``__post_init__``.
+    """
+
+    name: str = "custom"
+    vocab_size: int = 32000
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_kv_head: int | None = None  # None -> n_head (multi-head); 1 -> multi-query
+    head_dim: int | None = None  # None -> n_embd // n_head
+    intermediate_size: int = 256
+    block_size: int = 2048  # context length
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_unit_offset: bool = False  # Gemma: y = x_hat * (1 + w)
+    mlp: MLPKind = "swiglu"
+    position: PositionKind = "rope"
+    rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # Gemma 3: sliding layers use their own base
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 scaling
+    rope_high_freq_factor: float = 4.0  # llama3 scaling
+    rope_original_max_position: int = 8192  # llama3 scaling
+    bias: bool = False  # biases on every linear (GPT-2)
+    qk_norm: bool = False  # RMSNorm on per-head queries and keys (Gemma 3)
+    sandwich_norm: bool = False  # extra norms after attention and MLP (Gemma 2/3)
+    embedding_scale: bool = False  # multiply embeddings by sqrt(n_embd) (Gemma)
+    tie_embeddings: bool = True
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5
+    sliding_window: int | None = None
+    sliding_window_pattern: int = 0  # every k-th layer is global, the rest slide; 0 -> none slide
+    layer_types: list[str] = field(default_factory=list)  # "global" | "sliding", derived
+    final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+    attn_impl: AttnImpl = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim")
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} (grouped-query attention)"
+            )
+        if not self.layer_types:
+            self.layer_types = [self._layer_type(i) for i in range(self.n_layer)]
+        if len(self.layer_types) != self.n_layer:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layer={self.n_layer}")
+        for name, allowed in (("norm", NormKind), ("mlp", MLPKind), ("position", PositionKind),
+                              ("rope_scaling", RopeScaling), ("attn_impl", AttnImpl)):
+            if getattr(self, name) not in allowed.__args__:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed.__args__}")
+
+    def _layer_type(self, i: int) -> str:
+        if self.sliding_window and self.sliding_window_pattern:
+            return "global" if (i + 1) % self.sliding_window_pattern == 0 else "sliding"
+        return "sliding" if self.sliding_window else "global"
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Config:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+LLAMA_STYLE = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
+GPT2_STYLE = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, norm_eps=1e-5)
+GEMMA3_STYLE = dict(
+    norm="rmsnorm", norm_unit_offset=True, mlp="geglu", position="rope", qk_norm=True,
+    sandwich_norm=True, embedding_scale=True, sliding_window_pattern=6, rope_local_theta=10000.0,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(LLAMA_STYLE, vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                       intermediate_size=128, block_size=256),
+    "tiny-gpt2": dict(GPT2_STYLE, vocab_size=256, n_layer=2, n_embd=64, n_head=4,
+                      intermediate_size=256, block_size=256),
+    "tiny-gemma3": dict(GEMMA3_STYLE, vocab_size=256, n_layer=6, n_embd=64, n_head=4, n_kv_head=1,
+                        head_dim=32, intermediate_size=128, block_size=256, sliding_window=8,
+                        norm_eps=1e-6, rope_theta=1e6, query_pre_attn_scalar=32),
+    # HuggingFaceTB/SmolLM2-135M-Instruct
+    "smollm2-135m": dict(LLAMA_STYLE, vocab_size=49152, n_layer=30, n_embd=576, n_head=9, n_kv_head=3,
+                         intermediate_size=1536, block_size=8192, rope_theta=100000.0, norm_eps=1e-5),
+    # google/gemma-3-270m
+    "gemma3-270m": dict(GEMMA3_STYLE, vocab_size=262144, n_layer=18, n_embd=640, n_head=4, n_kv_head=1,
+                        head_dim=256, intermediate_size=2048, block_size=32768, rope_theta=1e6,
+                        norm_eps=1e-6, sliding_window=512, query_pre_attn_scalar=256),
+}
