@@ -1,0 +1,64 @@
+"""Load a model from a GGUF file or a Hugging Face directory: meta device, then assign."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint.errors import CheckpointError
+from lmforge.config import Config
+from lmforge.model.transformer import Transformer
+
+
+def assign_state(config: Config, state: dict[str, torch.Tensor], source: str,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+    """Build the model on the meta device and adopt `state` tensors without copying them twice."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: tensors do not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}; is the config right for this checkpoint?")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the config expects "
+                                  f"{tuple(expected[name].shape)}")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               attn_impl: str | None = None) -> Transformer:
+    """A Transformer from a .gguf file or a Hugging Face directory (config.json + safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        from lmforge.checkpoint.hf import config_from_hf, read_hf_state
+
+        config = config_from_hf(path)
+        state = read_hf_state(path, config)
+    else:
+        from lmforge.checkpoint.gguf import config_from_gguf, open_gguf, read_state_dict
+
+        reader = open_gguf(path)
+        config = config_from_gguf(reader, name=path.stem)
+        state = read_state_dict(reader, config, reader.fields["general.architecture"].contents())
+    if attn_impl:
+        config.attn_impl = attn_impl
+    return assign_state(config, state, str(path), dtype=dtype, device=device)
+
+
+def load(path: str | Path, **kwargs):
+    """(model, tokenizer) from a checkpoint; the tokenizer is read from the same file or folder."""
+    from lmforge.tokenizer import Tokenizer
+
+    model = load_model(path, **kwargs)
+    return model, Tokenizer.load(path)

@@ -1,0 +1,44 @@
+"""Feed-forward blocks: SwiGLU (LLaMA), GeGLU (Gemma) and the GELU MLP (GPT-2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import Config
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with SiLU, GeGLU with tanh-GELU.
+
+    Shazeer 2020, "GLU Variants Improve Transformer", https://arxiv.org/abs/2002.05202
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.geglu = config.mlp == "geglu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.geglu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """proj(gelu(fc(x))) with the tanh approximation GPT-2 was trained with."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+def build_mlp(config: Config) -> nn.Module:
+    return GeluMLP(config) if config.mlp == "gelu" else GatedMLP(config)

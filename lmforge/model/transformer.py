@@ -1,0 +1,165 @@
+"""The decoder-only transformer: block and model, wired from a Config by one builder.
+
+Parameter names follow Hugging Face's LLaMA/Gemma layout (model.layers.N.self_attn.q_proj...)
+so their checkpoints load without a mapping; other formats map onto these names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.config import Config
+from lmforge.model.attention import Attention, AttentionContext
+from lmforge.model.masks import attention_mask
+from lmforge.model.mlp import build_mlp
+from lmforge.model.norm import build_norm
+from lmforge.model.rope import rope_cache
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; with `sandwich_norm` the sublayer outputs are normed too (Gemma)."""
+
+    def __init__(self, config: Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = build_norm(config)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = build_norm(config)
+        self.mlp = build_mlp(config)
+        self.sandwich = config.sandwich_norm
+        if self.sandwich:
+            self.pre_feedforward_layernorm = build_norm(config)
+            self.post_feedforward_layernorm = build_norm(config)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), ctx)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and the final norm (Hugging Face's `model.` prefix)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position == "learned":
+            self.embed_positions = nn.Embedding(config.block_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = build_norm(config)
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: token ids -> next-token logits, with an optional KV cache."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope_tables(self, kind: str, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables for a layer kind, built lazily and grown by doubling."""
+        cached = self._rope.get(kind)
+        if cached is None or cached[0].shape[0] < length or cached[0].device != device:
+            theta = self.config.rope_local_theta if kind == "sliding" and self.config.rope_local_theta \
+                else self.config.rope_theta
+            size = max(length, min(2 * (cached[0].shape[0] if cached else 256), self.config.block_size))
+            cos, sin = rope_cache(self.config, theta, max(size, length))
+            self._rope[kind] = cached = (cos.to(device), sin.to(device))
+        return cached
+
+    def forward(
+        self, input_ids: torch.Tensor, cache=None, positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None, last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+
+        Args:
+            input_ids: (B, T) token ids.
+            cache: a KVCache; new keys/values are appended after its filled slots.
+            positions: (B, T) token positions; default counts on from the cache length.
+            valid: (B, T) False at padding; default all real tokens.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(positions.max())} is past the context length "
+                             f"{self.config.block_size}; shorten the prompt or max_new_tokens")
+        if cache is not None:
+            cache.reserve(positions, valid if valid is not None else torch.ones_like(positions, dtype=torch.bool))
+        x = self.embed(input_ids, positions)
+        contexts = {kind: self._context(kind, positions, valid, cache, start, T)
+                    for kind in set(self.config.layer_types)}
+        for layer in self.model.layers:
+            x = layer(x, contexts[layer.layer_type])
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(self.model.norm(x))
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # (B, T, n_embd)
+        if self.config.embedding_scale:  # Gemma: scale by sqrt(width), rounded to the weight dtype
+            x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
+        if self.config.position == "learned":
+            x = x + self.model.embed_positions(positions)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        cap = self.config.final_logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def _context(self, kind: str, positions: torch.Tensor, valid: torch.Tensor | None, cache, start: int,
+                 T: int) -> AttentionContext:
+        """Rope tables and the cheapest correct mask for one layer kind in this forward."""
+        window = self.config.sliding_window if kind == "sliding" else None
+        rope = None
+        if self.config.position == "rope":
+            cos, sin = self.rope_tables(kind, int(positions.max()) + 1, positions.device)
+            rope = (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))  # (B, 1, T, head_dim)
+        end = start + T
+        padded = valid is not None and not bool(valid.all())
+        if cache is not None:
+            padded = padded or not bool(cache.valid[:, :end].all())
+        key_lo = max(0, end - window - T + 1) if window and cache is not None else 0
+        if not padded and (window is None or end <= window or T == 1):
+            if T == 1:  # decode: every kept slot is visible
+                return AttentionContext(rope, None, False, cache, start, key_lo if window else 0)
+            if start == 0:  # fresh prefill: plain causal
+                return AttentionContext(rope, None, True, cache, start, 0)
+        if cache is not None:
+            k_pos, k_valid = cache.positions[:, key_lo:end], cache.valid[:, key_lo:end]
+        else:
+            k_pos, k_valid = positions, valid
+        mask = attention_mask(positions, k_pos, k_valid, window)
+        return AttentionContext(rope, mask, False, cache, start, key_lo)
+
+
+def build_model(config: Config, device: torch.device | str = "cpu") -> Transformer:
+    """Construct a randomly initialised model (use the checkpoint loaders for real weights)."""
+    with torch.device(device):
+        model = Transformer(config)
+    if device != "meta":
+        init_weights(model)
+    return model
+
+
+def init_weights(model: Transformer, std: float = 0.02) -> None:
+    """GPT-2 initialisation: normal(0, 0.02) for linear and embedding weights, zero biases."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
