@@ -1,28 +1,24 @@
-"""Read GGUF checkpoints (llama.cpp's format) through the `gguf` library.
+"""Load GGUF checkpoints (llama.cpp's format): config from metadata, weights dequantized.
 
-The header is checked before the library parses it, every tensor is checked against the
-file size and the model's expected shape, and each quantized tensor is dequantized to
-fp32 with `gguf.quants.dequantize`. Names map through one declarative table.
+The container is parsed by `gguf_file.GGUFFile` (bounds-checked); every quantized tensor is
+dequantized to fp32 by the `gguf` library (`gguf.quants.dequantize`), which knows every
+GGML type. Names map to Hugging Face's through one declarative table.
 """
 
 from __future__ import annotations
 
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from lmforge.checkpoint.errors import CheckpointError
+from lmforge.checkpoint.gguf_file import GGUFFile, TensorInfo
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
-
-MAX_TENSORS = 100_000
-MAX_KV = 100_000
-MAX_ELEMENTS = 1 << 36
 
 # GGUF name -> Hugging Face name; "{}" is the layer index.
 GGUF_NAMES: dict[str, str] = {
@@ -62,58 +58,14 @@ ARCH_STYLE = {"llama": (LLAMA_STYLE, GGUF_NAMES), "gemma3": (GEMMA3_STYLE, GEMMA
               "gpt2": (GPT2_STYLE, GGUF_NAMES)}
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
-    """Check the header, then parse; any damage becomes one CheckpointError naming the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such GGUF file; check the path or run `lmforge pull NAME`")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24 or head[:4] != b"GGUF":
-        raise CheckpointError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF'); "
-                              "pass a .gguf file or a Hugging Face directory")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-    if n_tensors > MAX_TENSORS or n_kv > MAX_KV or n_tensors * 24 > size:
-        raise CheckpointError(f"{path}: header claims {n_tensors} tensors and {n_kv} metadata keys, "
-                              f"impossible for a {size}-byte file; the file is corrupt, download it again")
-    try:
-        reader = GGUFReader(path)
-    except Exception as err:  # the library raises many kinds on damaged input
-        raise CheckpointError(f"{path}: GGUF is corrupt or truncated ({type(err).__name__}: {err}); "
-                              "download it again (`lmforge pull NAME --force`)") from None
-    _check_tensors(reader, path, size)
-    return reader
+def open_gguf(path: str | Path) -> GGUFFile:
+    """Parse and bounds-check a GGUF file; any damage becomes one CheckpointError naming the fix."""
+    return GGUFFile(path)
 
 
-def _check_tensors(reader: GGUFReader, path: Path, size: int) -> None:
-    for t in reader.tensors:
-        n = int(np.prod(t.shape, dtype=np.float64))
-        if n <= 0 or n > MAX_ELEMENTS or any(int(d) <= 0 for d in t.shape):
-            raise CheckpointError(f"{path}: tensor {t.name} has an impossible shape {list(t.shape)}; file is corrupt")
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(f"{path}: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, past the end "
-                                  f"of the {size}-byte file; the file is truncated, download it again")
-
-
-def metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Scalar and string metadata (large arrays such as the vocabulary are left out)."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key != "tokenizer.ggml.model" and len(field.data) > 64:
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception as err:
-            raise CheckpointError(f"metadata key {key!r} is unreadable ({err}); the file is corrupt") from None
-    return out
-
-
-def config_from_gguf(reader: GGUFReader, name: str = "gguf") -> Config:
+def config_from_gguf(reader: GGUFFile, name: str = "gguf") -> Config:
     """Build a Config from `{arch}.*` metadata keys."""
-    meta = metadata(reader)
+    meta = reader.metadata
     arch = meta.get("general.architecture")
     if arch not in ARCH_STYLE:
         raise CheckpointError(f"architecture {arch!r} is not supported; lmforge reads {sorted(ARCH_STYLE)}")
@@ -129,8 +81,7 @@ def config_from_gguf(reader: GGUFReader, name: str = "gguf") -> Config:
     n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size")
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields \
-            else get("vocab_size")
+        vocab = len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta else get("vocab_size")
     kwargs: dict[str, Any] = dict(
         style, name=name, vocab_size=int(vocab), n_layer=int(get("block_count")), n_embd=n_embd,
         n_head=n_head, n_kv_head=int(get("attention.head_count_kv", n_head)),
@@ -170,19 +121,19 @@ def hf_name(gguf_name: str, table: dict[str, str]) -> str | None:
     return table.get(gguf_name)
 
 
-def tensor_to_numpy(tensor) -> np.ndarray:
-    """Dequantize one reader tensor to fp32 in numpy (row-major, GGUF's shape reversed)."""
-    qtype = GGMLQuantizationType(tensor.tensor_type)
-    if qtype == GGMLQuantizationType.F32:
-        return np.array(tensor.data, dtype=np.float32)
+def tensor_to_numpy(reader: GGUFFile, tensor: TensorInfo) -> np.ndarray:
+    """Dequantize one tensor to fp32 in numpy (row-major, GGUF's shape reversed)."""
+    qtype, data = tensor.qtype, reader.raw(tensor)
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return data.astype(np.float32)  # a private copy, so torch gets writable memory
     try:
-        return dequantize(tensor.data, qtype).astype(np.float32, copy=False)
+        return dequantize(data, qtype).astype(np.float32, copy=False).reshape(tensor.shape)
     except NotImplementedError:
         raise CheckpointError(f"tensor {tensor.name} has type {qtype.name}, which the gguf library cannot "
                               "dequantize; re-quantize the model to a common type (Q8_0, Q4_K, ...)") from None
 
 
-def read_state_dict(reader: GGUFReader, config: Config, arch: str) -> dict[str, torch.Tensor]:
+def read_state_dict(reader: GGUFFile, config: Config, arch: str) -> dict[str, torch.Tensor]:
     """All tensors as fp32 torch tensors under Hugging Face names, layout fixed up per arch."""
     _, table = ARCH_STYLE[arch]
     unknown = [t.name for t in reader.tensors if hf_name(t.name, table) is None]
@@ -190,7 +141,7 @@ def read_state_dict(reader: GGUFReader, config: Config, arch: str) -> dict[str, 
         raise CheckpointError(f"unexpected GGUF tensors {unknown[:5]} (and {max(0, len(unknown) - 5)} more) "
                               f"for architecture {arch}; this file is not a plain {arch} model")
     with ThreadPoolExecutor(max_workers=2) as pool:  # numpy dequantization releases the GIL
-        arrays = list(pool.map(tensor_to_numpy, reader.tensors))
+        arrays = list(pool.map(lambda t: tensor_to_numpy(reader, t), reader.tensors))
     state: dict[str, torch.Tensor] = {}
     for t, array in zip(reader.tensors, arrays):
         name = hf_name(t.name, table)
@@ -220,10 +171,10 @@ def _split_qkv(name: str, tensor: torch.Tensor, config: Config) -> dict[str, tor
     return {name.replace(".qkv.", f".{p}_proj."): part.contiguous() for p, part in zip("qkv", (q, k, v))}
 
 
-def tensor_types(reader: GGUFReader) -> dict[str, int]:
+def tensor_types(reader: GGUFFile) -> dict[str, int]:
     """How many tensors of each GGML type the file holds (for `lmforge info`)."""
     counts: dict[str, int] = {}
     for t in reader.tensors:
-        kind = GGMLQuantizationType(t.tensor_type).name
+        kind = t.qtype.name
         counts[kind] = counts.get(kind, 0) + 1
     return counts

@@ -50,7 +50,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
         reader = open_gguf(path)
         config = config_from_gguf(reader, name=path.stem)
-        state = read_state_dict(reader, config, reader.fields["general.architecture"].contents())
+        state = read_state_dict(reader, config, reader.metadata["general.architecture"])
     if attn_impl:
         config.attn_impl = attn_impl
     return assign_state(config, state, str(path), dtype=dtype, device=device)

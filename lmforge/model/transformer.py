@@ -43,14 +43,20 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An uninitialised embedding (`init_weights` or a checkpoint fills it); nn.Embedding's own
+    init would also pull in torch._dynamo on the meta device, a second of start-up."""
+    return nn.Embedding.from_pretrained(torch.empty(num, dim), freeze=False)
+
+
 class Backbone(nn.Module):
     """Embeddings, blocks and the final norm (Hugging Face's `model.` prefix)."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.embed_tokens = _embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
-            self.embed_positions = nn.Embedding(config.block_size, config.n_embd)
+            self.embed_positions = _embedding(config.block_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = build_norm(config)
 
