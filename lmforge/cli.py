@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "generate": "lmforge.commands:generate",
     "chat": "lmforge.commands:chat",
     "bench": "lmforge.commands:bench",
+    "ingest": "lmforge.data.ingest:ingest_command",
+    "review": "lmforge.data.review:review_command",
 }
 
 
