@@ -97,10 +97,22 @@ def config_from_gguf(reader: GGUFFile, name: str = "gguf") -> Config:
     if arch == "gemma3":
         kwargs["sliding_window"] = int(get("attention.sliding_window"))
         kwargs["query_pre_attn_scalar"] = kwargs["head_dim"]  # Gemma 3 sets it to head_dim
+    _check_sizes(kwargs)
     try:
         return Config(**kwargs)
     except ValueError as err:
         raise CheckpointError(f"GGUF metadata describes an impossible model: {err}") from None
+
+
+LIMITS = dict(vocab_size=1 << 22, n_layer=1024, n_embd=1 << 16, n_head=1024, n_kv_head=1024, head_dim=4096,
+              intermediate_size=1 << 18, block_size=1 << 24)
+
+
+def _check_sizes(kwargs: dict[str, Any]) -> None:
+    """Refuse sizes no real model has before building anything from them (damaged metadata)."""
+    for key, limit in LIMITS.items():
+        if not 1 <= kwargs[key] <= limit:
+            raise CheckpointError(f"GGUF metadata gives {key}={kwargs[key]}, outside 1..{limit}; the file is corrupt")
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any]:

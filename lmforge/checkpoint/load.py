@@ -40,6 +40,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                attn_impl: str | None = None) -> Transformer:
     """A Transformer from a .gguf file or a Hugging Face directory (config.json + safetensors)."""
     path = Path(path)
+    try:
+        return _load_model(path, dtype, device, attn_impl)
+    except CheckpointError as err:  # every message names the file it is about
+        if str(path) in str(err):
+            raise
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _load_model(path: Path, dtype: torch.dtype, device: str | torch.device, attn_impl: str | None) -> Transformer:
     if path.is_dir():
         from lmforge.checkpoint.hf import config_from_hf, read_hf_state
 
