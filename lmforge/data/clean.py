@@ -33,7 +33,7 @@ _NAME = r"[A-Z][A-Za-z'’\-]+"
 _AUTHOR_YEAR = rf"{_NAME}(?:\s+(?:et al\.?|and|&)(?:\s+{_NAME})?)?,?\s+\d{{4}}[a-z]?"
 CITATION = re.compile(rf"\s?(?:\[\d+(?:\s*[-–,]\s*\d+)*\]|\((?:see\s+)?{_AUTHOR_YEAR}(?:\s*;\s*{_AUTHOR_YEAR})*\))")
 SPACE_BEFORE_PUNCT = re.compile(r"[ \t]+([.,;:!?)])(?=\s|$)")
-MULTI_SPACE = re.compile(r"[ \t\u00a0]{2,}")
+MULTI_SPACE = re.compile(r"[ \t\u00a0]{2,}|[\t\u00a0]")
 TERMINAL = (".", "!", "?", ":")
 
 
@@ -137,7 +137,7 @@ def strip_edges(pages: list[tuple[int, list[str]]], config: CleanConfig, counts:
             line = lines[i].strip()
             if config.page_numbers and PAGE_NUMBER.match(line):
                 counts["page_numbers"] += 1
-            elif config.headers_footers and (repeats[_edge_key(line)] >= min_pages
+            elif config.headers_footers and not PAGE_NUMBER.match(line) and (repeats[_edge_key(line)] >= min_pages
                                              or _has_page_number(line, number, offset)):
                 counts["headers_footers"] += 1
             else:
