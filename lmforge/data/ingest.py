@@ -59,9 +59,9 @@ def _digest(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def paragraph_id(source: str, text: str) -> str:
-    """Stable id of a paragraph: its file name and text (labels survive re-runs and moves)."""
-    return _digest(Path(source).name, text)
+def paragraph_id(text: str) -> str:
+    """Stable id of a paragraph's text: a label applies wherever the same text occurs, across runs."""
+    return _digest(" ".join(text.split()))
 
 
 # ---- stage 1: extract, clean, features (cached per file) ----
@@ -98,7 +98,7 @@ def decide_garbage(doc: dict, model: GarbageModel | None, labels: dict, config: 
     results = score([paras[i]["features"] for i in scored], model, config)
     decisions = [{"score": 0.0, "reasons": [], "garbage": False} for _ in paras]
     for i, (s, reasons) in zip(scored, results):
-        pid = paragraph_id(doc["source"], text[paras[i]["start"]:paras[i]["end"]])
+        pid = paragraph_id(text[paras[i]["start"]:paras[i]["end"]])
         label = labels.get(pid, {}).get("label")
         garbage = label == "discard" or (label != "keep" and s >= config.threshold)
         reasons = reasons + [f"reviewed: {label}"] if label else reasons
@@ -181,7 +181,9 @@ def ingest(paths: list[str], out: str | Path, tokenizer: TokenizerLike, config: 
     start = time.perf_counter()
     model = GarbageModel.load(out / MODEL_FILE)
     labels = read_json(out / LABELS_FILE, default={})
-    key2 = _digest(asdict(config), model and asdict(model), {k: v["label"] for k, v in labels.items()})
+    settings = asdict(config)
+    key2 = _digest([settings[k] for k in ("garbage", "chunk", "tokenizer_name")], model and asdict(model),
+                   {k: v["label"] for k, v in labels.items()})
     tasks = _tasks(files, out / "work", config, key2)
     todo = [t for t in tasks if not (Path(t["stage1"]).exists() and _stage2_done(t))]
     _STATE.update(config=config, tokenizer=tokenizer, model=model, labels=labels)

@@ -132,3 +132,19 @@ def expected_text() -> str:
 def pdf_writer():
     """The PDF writer, for tests that build their own pages."""
     return write_pdf
+
+
+def write_encrypted_pdf(path: Path) -> Path:
+    """A PDF that needs a user password to open."""
+    doc = fpdf.FPDF()
+    doc.add_page()
+    doc.set_font("Helvetica", size=12)
+    doc.cell(0, 10, "secret text")
+    doc.set_encryption(owner_password="owner", user_password="user")
+    doc.output(str(path))
+    return path
+
+
+@pytest.fixture
+def encrypted_writer():
+    return write_encrypted_pdf

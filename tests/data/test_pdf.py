@@ -40,18 +40,8 @@ def test_truncated_pdf_gives_reason_or_recovers(tmp_path, synthetic_pdf):
     assert ext.error is not None or ext.pages  # never an exception
 
 
-def make_encrypted(path: Path) -> Path:
-    doc = FPDF()
-    doc.add_page()
-    doc.set_font("Helvetica", size=12)
-    doc.cell(0, 10, "secret text")
-    doc.set_encryption(owner_password="owner", user_password="user")
-    doc.output(str(path))
-    return path
-
-
-def test_encrypted_pdf_gives_reason(tmp_path):
-    ext = extract_pdf(make_encrypted(tmp_path / "locked.pdf"))
+def test_encrypted_pdf_gives_reason(tmp_path, encrypted_writer):
+    ext = extract_pdf(encrypted_writer(tmp_path / "locked.pdf"))
     assert ext.error and "encrypted" in ext.error
 
 
