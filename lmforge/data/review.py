@@ -39,7 +39,10 @@ class ReviewStore:
         """Candidates with their current score and label, most uncertain first."""
         with self.lock:
             items = list(self.items.values())
-            scores = score([g["features"] for g in items], self.model, self.config)
+            if self.model is None:  # the scores ingest wrote; once labels train a model, its scores
+                scores = [(g["score"], g["reasons"]) for g in items]
+            else:
+                scores = score([g["features"] for g in items], self.model, self.config)
             rows = [{"id": g["id"], "source": Path(g["source"]).name, "page": g["page"], "text": g["text"],
                      "score": round(s, 4), "reasons": [r for r in reasons if not r.startswith("reviewed")],
                      "label": self.labels.get(g["id"], {}).get("label")}
