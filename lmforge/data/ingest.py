@@ -213,6 +213,7 @@ def _stage2_done(task: dict) -> bool:
 def finish(out: Path, tasks: list[dict], failures: dict[str, str], cached: set[str], config: IngestConfig,
            seconds: float) -> dict:
     """Gather per-file results, de-duplicate, and write every output atomically."""
+    t_finish = time.perf_counter()
     docs, results = [], []
     for t in tasks:
         doc = read_json(t["stage1"]) if t["path"] not in failures else None
@@ -229,6 +230,7 @@ def finish(out: Path, tasks: list[dict], failures: dict[str, str], cached: set[s
     atomic_write_jsonl(out / "pretrain.jsonl", pretrain)
     atomic_write_jsonl(out / "garbage.jsonl", [g for res in results if res for g in res["garbage"]])
     atomic_write_jsonl(out / "duplicates.jsonl", dup_log + pre_log)
+    seconds += time.perf_counter() - t_finish  # the wall time covers gathering and writing too
     report = report_mod.build(tasks, docs, results, failures, cached, chunks, dup_log, pretrain, dedup_s, seconds)
     report_mod.histogram([s for res in results if res for s in res["scores"]], config.garbage.threshold,
                          out / "garbage_scores.png")
