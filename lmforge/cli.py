@@ -1,8 +1,9 @@
-"""`lmforge` command line: a table from subcommand to a typed function.
+"""lmforge: one toolkit for the whole life of a language model.
 
-Each command is a plain function; its signature becomes the flags and its docstring the
-``--help`` text, so adding a command is one line in ``COMMANDS``. Modules are imported only
-when their command runs, which keeps ``lmforge --help`` instant.
+The command line is a table from subcommand to a typed function: its signature becomes the
+flags (a leading string parameter with a default becomes an optional positional, as in
+`lmforge pull NAME`), its docstring the --help text. Modules load only when their command
+runs, which keeps `lmforge --help` instant.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _doc_parts(func: Callable[..., Any]) -> tuple[str, dict[str, str]]:
 def _add_arguments(parser: argparse.ArgumentParser, func: Callable[..., Any]) -> None:
     hints = typing.get_type_hints(func)
     _, helps = _doc_parts(func)
-    for name, param in inspect.signature(func).parameters.items():
+    for index, (name, param) in enumerate(inspect.signature(func).parameters.items()):
         kind = hints.get(name, str)
         help_text = helps.get(name, "")
         origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -58,6 +59,8 @@ def _add_arguments(parser: argparse.ArgumentParser, func: Callable[..., Any]) ->
         if param.default is inspect.Parameter.empty:
             nargs = "+" if origin is list else None
             parser.add_argument(name, type=args[0] if origin is list else kind, nargs=nargs, help=help_text)
+        elif index == 0 and kind is str:  # `lmforge pull NAME`: a leading optional positional
+            parser.add_argument(name, nargs="?", default=param.default, help=f"{help_text} (default: {param.default})")
         elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=param.default,
                                 help=help_text)

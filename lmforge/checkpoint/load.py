@@ -8,7 +8,7 @@ import torch
 
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.config import Config
-from lmforge.model.transformer import Transformer
+from lmforge.model.transformer import Transformer, column_major_linears
 
 
 def assign_state(config: Config, state: dict[str, torch.Tensor], source: str,
@@ -33,7 +33,7 @@ def assign_state(config: Config, state: dict[str, torch.Tensor], source: str,
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    return column_major_linears(model).eval()
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -1,0 +1,80 @@
+"""Speed measurements of lmforge itself: load, prefill and batch-1 decode, peak memory.
+
+`bench/bench_foundation.py` runs these beside llama.cpp and transformers; `lmforge bench`
+runs them alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.inference_mode()
+def time_prefill(model, ids: list[int]) -> float:
+    """Seconds to run one prompt through the model into a fresh cache."""
+    from lmforge.generation.kv_cache import KVCache
+
+    cache = KVCache(model.config, 1, len(ids) + 1)
+    start = time.perf_counter()
+    model(torch.tensor([ids]), cache=cache, last_only=True)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def time_decode(model, ids: list[int], steps: int) -> float:
+    """Seconds for `steps` greedy decode steps at batch 1 after a prefill (EOS ignored)."""
+    from lmforge.generation.generate import TokenStream
+    from lmforge.generation.sampling import SamplingParams
+
+    stream = TokenStream(model, [ids], SamplingParams(max_new_tokens=steps + 1, temperature=0, ignore_eos=True),
+                         set())
+    tokens = iter(stream)
+    next(tokens)  # the first token comes from the prefill's logits
+    start = time.perf_counter()
+    for _ in tokens:
+        pass
+    return time.perf_counter() - start
+
+
+def measure_lmforge(path: str | Path, prompt_tokens: int = 256, new_tokens: int = 128, rounds: int = 3) -> dict:
+    """Median load time, prefill tok/s and decode tok/s over `rounds`, and peak RSS."""
+    from lmforge.checkpoint.load import load
+
+    loads, prefills, decodes = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        model, tokenizer = load(path)
+        loads.append(time.perf_counter() - start)
+        ids = bench_prompt(tokenizer, prompt_tokens)
+        prefills.append(prompt_tokens / time_prefill(model, ids))
+        decodes.append(new_tokens / time_decode(model, ids, new_tokens))
+    return {
+        "load_s": statistics.median(loads),
+        "prefill_tok_s": statistics.median(prefills),
+        "decode_tok_s": statistics.median(decodes),
+        "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+        "cpus": psutil.cpu_count(logical=True),
+    }
+
+
+def bench_prompt(tokenizer, n: int) -> list[int]:
+    """Exactly n token ids of ordinary English text (the same text for every engine)."""
+    text = ("The history of computing is a story of people who wanted to calculate faster and more "
+            "reliably than they could by hand. ") * 64
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < n:
+        raise ValueError(f"benchmark text has only {len(ids)} tokens, fewer than {n}")
+    return ids[:n]

