@@ -46,7 +46,10 @@ def pages_pypdf(path: str, n: int) -> list[str]:
 def pages_pdfminer(path: str, n: int) -> list[str]:
     from pdfminer.high_level import extract_text
 
-    return extract_text(path, page_numbers=range(n)).split("\f")[:n]
+    parts = extract_text(path, page_numbers=range(n)).split("\f")
+    if parts and not parts[-1].strip():  # the text ends with a form feed
+        parts.pop()
+    return parts[:n]
 
 
 EXTRACTORS = {"pypdfium2": pages_pdfium, "pypdf": pages_pypdf, "pdfminer.six": pages_pdfminer}
