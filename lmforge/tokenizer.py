@@ -12,8 +12,6 @@ it, so ids match `AutoTokenizer.from_pretrained(dir, gguf_file=...)`:
 from __future__ import annotations
 
 import json
-import mmap
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from lmforge.chat_template import ChatTemplate, template_from_config
+from lmforge.checkpoint.gguf_file import GGUFFile
 
 # llama.cpp's token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -46,81 +45,13 @@ _RANK_BY_POSITION = frozenset({"gemma", "gemma2", "gemma3"})
 SUPPORTED_MODELS = ("gpt2", "llama")
 
 # -- GGUF metadata -------------------------------------------------------------------------------
-# GGUF value types -> struct format, which numpy reads as the same dtype.
-_GGUF_SCALARS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"
-}  # fmt: skip
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_U64 = struct.Struct("<Q")
-
-
-class _GGUFHeader:
-    """A cursor over the key/value section at the start of a GGUF file (format v2 and v3)."""
-
-    def __init__(self, buf: mmap.mmap):
-        self.buf, self.pos = buf, 0
-
-    def unpack(self, fmt: str) -> tuple:
-        values = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return values
-
-    def string(self) -> str:
-        (size,) = _U64.unpack_from(self.buf, self.pos)
-        self.pos += 8 + size
-        return self.buf[self.pos - size : self.pos].decode("utf-8", "replace")
-
-    def strings(self, count: int) -> list[str]:
-        """`count` strings, in one tight loop (a 262k vocabulary reads in about 0.1 s)."""
-        buf, pos, out, unpack = self.buf, self.pos, [], _U64.unpack_from
-        for _ in range(count):
-            (size,) = unpack(buf, pos)
-            out.append(buf[pos + 8 : pos + 8 + size].decode("utf-8", "replace"))
-            pos += 8 + size
-        self.pos = pos
-        return out
-
-    def value(self, kind: int) -> Any:
-        """One value of GGUF type `kind`: numeric arrays as numpy, string arrays as lists."""
-        if kind == _GGUF_STRING:
-            return self.string()
-        if kind != _GGUF_ARRAY:
-            return self.unpack(_scalar_format(kind))[0]
-        item_kind, count = self.unpack("<IQ")
-        if item_kind == _GGUF_STRING:
-            return self.strings(count)
-        if item_kind == _GGUF_ARRAY:
-            return [self.value(_GGUF_ARRAY) for _ in range(count)]
-        dtype, start = np.dtype(_scalar_format(item_kind)), self.pos
-        self.pos += dtype.itemsize * count
-        return np.frombuffer(self.buf, dtype, count, start).copy()
-
-
-def _scalar_format(kind: int) -> str:
-    if kind not in _GGUF_SCALARS:
-        raise ValueError(f"GGUF metadata value type {kind} is not one the format defines")
-    return _GGUF_SCALARS[kind]
-
-
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file, read from its header alone.
+    """All key/value metadata of a GGUF file, through the bounds-checked container reader.
 
-    Why not `gguf.GGUFReader`: it builds a numpy view per array element, over 10 s for Gemma's
-    262k-token vocabulary; this takes about 0.2 s. Arrays come back as lists (strings) or numpy.
+    Arrays come back as lists (strings) or numpy; see `lmforge.checkpoint.gguf_file` for why not
+    `gguf.GGUFReader` (seconds per 262k-entry vocabulary).
     """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        header, metadata = _GGUFHeader(buf), {}
-        try:
-            magic, version = header.unpack("<4sI")
-            if magic != b"GGUF" or version not in (2, 3):
-                raise ValueError(f"{path} is not a GGUF v2/v3 file (magic {magic!r}, version {version})")
-            _, kv_count = header.unpack("<QQ")
-            for _ in range(kv_count):
-                key = header.string()
-                metadata[key] = header.value(header.unpack("<I")[0])
-        except struct.error:
-            raise ValueError(f"{path}: the GGUF header is truncated or corrupt") from None
-        return metadata
+    return GGUFFile(path).metadata
 
 
 def _reader_metadata(reader: Any) -> dict[str, Any]:
@@ -324,7 +255,9 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader: str | Path | Any) -> Tokenizer:
-        """The tokenizer stored in a GGUF file's metadata; pass a path, or a `gguf.GGUFReader` already open."""
+        """The tokenizer stored in a GGUF file's metadata: a path, an open `GGUFFile` or `gguf.GGUFReader`."""
+        if isinstance(path_or_reader, GGUFFile):
+            return cls.from_gguf_metadata(path_or_reader.metadata)
         if hasattr(path_or_reader, "fields"):
             return cls.from_gguf_metadata(_reader_metadata(path_or_reader))
         return cls.from_gguf_metadata(read_gguf_metadata(path_or_reader))

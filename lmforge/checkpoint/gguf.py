@@ -146,27 +146,36 @@ def tensor_to_numpy(reader: GGUFFile, tensor: TensorInfo) -> np.ndarray:
 
 
 def read_state_dict(reader: GGUFFile, config: Config, arch: str) -> dict[str, torch.Tensor]:
-    """All tensors as fp32 torch tensors under Hugging Face names, layout fixed up per arch."""
+    """All tensors as fp32 torch tensors under Hugging Face names, layout fixed up per arch.
+
+    Matrices come back column-major (see `column_major_linears`): the transposing copy runs
+    in the dequantization threads instead of after them.
+    """
     _, table = ARCH_STYLE[arch]
     unknown = [t.name for t in reader.tensors if hf_name(t.name, table) is None]
     if unknown:
         raise CheckpointError(f"unexpected GGUF tensors {unknown[:5]} (and {max(0, len(unknown) - 5)} more) "
                               f"for architecture {arch}; this file is not a plain {arch} model")
-    with ThreadPoolExecutor(max_workers=2) as pool:  # numpy dequantization releases the GIL
-        arrays = list(pool.map(lambda t: tensor_to_numpy(reader, t), reader.tensors))
-    state: dict[str, torch.Tensor] = {}
-    for t, array in zip(reader.tensors, arrays):
+
+    def convert(t: TensorInfo) -> tuple[str, torch.Tensor]:
         name = hf_name(t.name, table)
-        tensor = torch.from_numpy(array)
+        tensor = torch.from_numpy(tensor_to_numpy(reader, t))
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.n_head if "q_proj" in name else config.n_kv_head
-            tensor = unpermute_rope(tensor, heads)
+            tensor = unpermute_rope(tensor, config.n_head if "q_proj" in name else config.n_kv_head)
         if arch == "gemma3" and name.endswith("norm.weight"):
             tensor = tensor - 1.0  # llama.cpp stores Gemma's (1 + w); we keep Hugging Face's w
+        if tensor.dim() == 2 and ".qkv." not in name:
+            tensor = tensor.t().contiguous().t()
+        return name, tensor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # numpy and torch copies release the GIL
+        converted = list(pool.map(convert, reader.tensors))
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in converted:
         if arch == "gpt2" and ".qkv." in name:
             state.update(_split_qkv(name, tensor, config))
-            continue
-        state[name] = tensor
+        else:
+            state[name] = tensor
     return state
 
 

@@ -29,7 +29,7 @@ def assign_state(config: Config, state: dict[str, torch.Tensor], source: str,
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the config expects "
                                   f"{tuple(expected[name].shape)}")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}  # no copy when already there
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -67,7 +67,11 @@ def _load_model(path: Path, dtype: torch.dtype, device: str | torch.device, attn
 
 def load(path: str | Path, **kwargs):
     """(model, tokenizer) from a checkpoint; the tokenizer is read from the same file or folder."""
+    from lmforge.checkpoint.gguf import open_gguf
     from lmforge.tokenizer import Tokenizer
 
+    path = Path(path)
     model = load_model(path, **kwargs)
-    return model, Tokenizer.load(path)
+    if path.is_dir():
+        return model, Tokenizer.from_hf_dir(path)
+    return model, Tokenizer.from_gguf(open_gguf(path))

@@ -160,8 +160,8 @@ def column_major_linears(model: Transformer) -> Transformer:
     faster at batch 1 on CPU (see docs/benchmarks.md); results are identical.
     """
     for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.device.type != "meta":
-            w = module.weight
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and w.device.type != "meta" and not w.t().is_contiguous():
             module.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
     if model.config.tie_embeddings:
         model.model.embed_tokens.weight = model.lm_head.weight
