@@ -83,18 +83,24 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = ctx.rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, k, v, ctx.start, ctx.key_lo)  # (B, n_kv, S, hd)
-        if self.use_math:
-            y = math_attention(q, k, v, ctx.mask, ctx.is_causal, self.scale, self.softcap)
-        else:
-            y = sdpa_attention(q, k, v, ctx.mask, ctx.is_causal, self.scale)
+        y = ctx.attend(self, q, k, v)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * hd)
         return self.o_proj(y)
 
+    def scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               is_causal: bool) -> torch.Tensor:
+        """Attention output for queries over keys/values already gathered, by the configured method."""
+        if self.use_math:
+            return math_attention(q, k, v, mask, is_causal, self.scale, self.softcap)
+        return sdpa_attention(q, k, v, mask, is_causal, self.scale)
+
 
 class AttentionContext:
-    """Per-forward inputs shared by every layer of one kind (global or sliding)."""
+    """Per-forward inputs shared by every layer of one kind (global or sliding), over a static cache.
+
+    Other caches (the serving engine's paged one) provide their own object with `rope` and
+    `attend(module, q, k, v)`.
+    """
 
     __slots__ = ("rope", "mask", "is_causal", "cache", "start", "key_lo")
 
@@ -105,3 +111,8 @@ class AttentionContext:
         self.cache = cache  # KVCache or None
         self.start = start  # first cache slot written by this forward
         self.key_lo = key_lo  # first cache slot attended (sliding window trims the rest)
+
+    def attend(self, module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            k, v = self.cache.update(module.layer_idx, k, v, self.start, self.key_lo)  # (B, n_kv, S, hd)
+        return module.scores(q, k, v, self.mask, self.is_causal)

@@ -86,15 +86,19 @@ class Transformer(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, cache=None, positions: torch.Tensor | None = None,
-        valid: torch.Tensor | None = None, last_only: bool = False,
+        valid: torch.Tensor | None = None, last_only: bool = False, contexts: dict | None = None,
+        output_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+        """Logits (B, T, vocab); (B, 1, vocab) with `last_only`; (B, len(output_index), vocab) with it.
 
         Args:
             input_ids: (B, T) token ids.
             cache: a KVCache; new keys/values are appended after its filled slots.
             positions: (B, T) token positions; default counts on from the cache length.
             valid: (B, T) False at padding; default all real tokens.
+            contexts: per layer kind, an object with `rope` and `attend` that replaces the static
+                cache path (the serving engine passes its paged-attention contexts here).
+            output_index: positions along T whose logits are wanted (others are skipped).
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -103,16 +107,26 @@ class Transformer(nn.Module):
         if int(positions.max()) >= self.config.block_size:
             raise ValueError(f"position {int(positions.max())} is past the context length "
                              f"{self.config.block_size}; shorten the prompt or max_new_tokens")
-        if cache is not None:
-            cache.reserve(positions, valid if valid is not None else torch.ones_like(positions, dtype=torch.bool))
+        if contexts is None:
+            if cache is not None:
+                cache.reserve(positions, valid if valid is not None else torch.ones_like(positions, dtype=torch.bool))
+            contexts = {kind: self._context(kind, positions, valid, cache, start, T)
+                        for kind in set(self.config.layer_types)}
         x = self.embed(input_ids, positions)
-        contexts = {kind: self._context(kind, positions, valid, cache, start, T)
-                    for kind in set(self.config.layer_types)}
         for layer in self.model.layers:
             x = layer(x, contexts[layer.layer_type])
         if last_only:
             x = x[:, -1:]
+        elif output_index is not None:
+            x = x[:, output_index]
         return self.logits(self.model.norm(x))
+
+    def rope_at(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin (B, 1, T, head_dim) for the positions (B, T), or None without RoPE."""
+        if self.config.position != "rope":
+            return None
+        cos, sin = self.rope_tables(kind, int(positions.max()) + 1, positions.device)
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (B, T, n_embd)
@@ -127,14 +141,15 @@ class Transformer(nn.Module):
         cap = self.config.final_logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
+    def window(self, kind: str) -> int | None:
+        """The attention window of a layer kind (None: attends to the whole prefix)."""
+        return self.config.sliding_window if kind == "sliding" else None
+
     def _context(self, kind: str, positions: torch.Tensor, valid: torch.Tensor | None, cache, start: int,
                  T: int) -> AttentionContext:
         """Rope tables and the cheapest correct mask for one layer kind in this forward."""
-        window = self.config.sliding_window if kind == "sliding" else None
-        rope = None
-        if self.config.position == "rope":
-            cos, sin = self.rope_tables(kind, int(positions.max()) + 1, positions.device)
-            rope = (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))  # (B, 1, T, head_dim)
+        window = self.window(kind)
+        rope = self.rope_at(kind, positions)
         end = start + T
         padded = valid is not None and not bool(valid.all())
         if cache is not None:
