@@ -120,7 +120,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams
     return outputs
 
 
-class _TextRow:
+class TextAssembler:
     """One row's text: decoded deltas held back while they could still start a stop string."""
 
     def __init__(self, tokenizer, stops: list[str]) -> None:
@@ -168,7 +168,7 @@ def stream_batch(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[in
     ids = encode_prompts(tokenizer, prompts)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     stream = TokenStream(model, ids, params, tokenizer.stop_ids, pad_id=pad)
-    rows = [_TextRow(tokenizer, params.stop) for _ in ids]
+    rows = [TextAssembler(tokenizer, params.stop) for _ in ids]
     for tokens in stream:
         for row, token in enumerate(tokens):
             if token is None:

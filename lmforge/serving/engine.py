@@ -1,0 +1,161 @@
+"""The serving engine: requests in, tokens out, one scheduled batch per `step()`.
+
+Sequence -> BlockManager -> Scheduler -> ModelRunner -> Engine.step(), after vLLM and
+nano-vllm, in small pieces. The engine is synchronous and single-threaded; the HTTP
+server drives it from one background thread (`lmforge.serving.async_engine`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence as Seq
+
+import torch
+
+from lmforge.generation.generate import Completion, TextAssembler
+from lmforge.generation.sampling import SamplingParams, apply_repetition_penalty, sample
+from lmforge.serving.block_manager import BlockManager
+from lmforge.serving.model_runner import ModelRunner, PagedKVCache
+from lmforge.serving.scheduler import Scheduler, SchedulerConfig
+from lmforge.serving.sequence import Sequence
+
+
+@dataclass
+class EngineConfig:
+    """Engine sizes. The KV cache gets `kv_cache_mib` unless `num_blocks` is given."""
+
+    block_size: int = 16
+    kv_cache_mib: int = 512
+    num_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    prefix_caching: bool = True
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence."""
+
+    seq: Sequence
+    token: int | None  # None when the step only advanced a prefill chunk or the token was a stop
+    text: str = ""
+    finished: bool = False
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config = config or EngineConfig()
+        dtype = next(model.parameters()).dtype
+        per_block = PagedKVCache.bytes_per_block(model.config, config.block_size, dtype)
+        num_blocks = config.num_blocks or max(1, config.kv_cache_mib * 2**20 // per_block)
+        self.cache = PagedKVCache(model.config, num_blocks, config.block_size, dtype)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        self.runner = ModelRunner(model, self.cache)
+        self.texts: dict[int, TextAssembler] = {}
+        self.logprobs_wanted: dict[int, int] = {}
+
+    @property
+    def capacity_tokens(self) -> int:
+        return len(self.blocks.blocks) * self.config.block_size
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, logprobs: int = 0) -> Sequence:
+        """Queue a request; raises ValueError when it can never fit."""
+        if params.num_beams > 1:
+            raise ValueError("the engine samples; use lmforge.generation.beam for beam search")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        limit = self.model.config.block_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context is {limit}; shorten it")
+        if any(not 0 <= t < self.model.config.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        max_new = min(params.max_new_tokens, limit - len(ids))
+        if len(ids) + max_new > self.capacity_tokens:
+            raise ValueError(f"prompt + max_tokens = {len(ids) + max_new} tokens exceeds the KV cache "
+                             f"({self.capacity_tokens} tokens); raise kv_cache_mib or lower max_tokens")
+        stop = set() if params.ignore_eos else set(self.tokenizer.stop_ids)
+        seq = Sequence(ids, params, eos_ids=frozenset(stop | set(params.stop_token_ids)), max_new=max_new)
+        self.texts[seq.seq_id] = TextAssembler(self.tokenizer, params.stop)
+        self.logprobs_wanted[seq.seq_id] = logprobs
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a request now (client went away) and free its blocks."""
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+        self._forget(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        """Schedule, run the model once, sample, and report what changed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.cache.copy_blocks(batch.copies)
+        logits, sampling = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed += n
+            self.blocks.register_full_blocks(seq)
+        outputs = [self._postprocess(seq, logits[i:i + 1]) for i, seq in enumerate(sampling)]
+        return outputs
+
+    def _postprocess(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
+        """Sample the next token of `seq`, update its text, and finish it if it is done."""
+        history = torch.tensor([seq.all_ids]) if seq.params.repetition_penalty != 1.0 else None
+        token = int(sample(logits, seq.params, history, seq.generator)[0])
+        out = StepOutput(seq, token)
+        if self.logprobs_wanted.get(seq.seq_id):
+            out.logprob, out.top_logprobs = _logprobs(logits, history, seq.params, token,
+                                                      self.logprobs_wanted[seq.seq_id])
+        now = time.perf_counter()
+        seq.first_token_at = seq.first_token_at or now
+        seq.last_token_at = now
+        text = self.texts[seq.seq_id]
+        if token in seq.eos_ids:
+            out.token, reason = None, "stop"
+        else:
+            seq.output_ids.append(token)
+            out.text = text.add(token)
+            reason = "stop" if text.stopped else "length" if len(seq.output_ids) >= seq.max_new else None
+        if reason:
+            out.text += text.close()
+            out.finished = True
+            self.scheduler.finish(seq, "stop" if text.stopped else reason)
+            self._forget(seq)
+        return out
+
+    def _forget(self, seq: Sequence) -> None:
+        self.logprobs_wanted.pop(seq.seq_id, None)
+        if seq.seq_id in self.texts:
+            seq.text = self.texts.pop(seq.seq_id).text
+
+    def generate(self, prompts: Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams]
+                 ) -> list[Completion]:
+        """Run prompts to completion together (offline batch); one Completion each, in order."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        while any(not s.is_finished for s in seqs):
+            self.step()
+        return [Completion(s.text, s.output_ids, s.finish_reason or "length", len(s.prompt_ids)) for s in seqs]
+
+
+def _logprobs(logits: torch.Tensor, history, params: SamplingParams, token: int, k: int
+              ) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of `token` and the k best alternatives, under the model (after penalties)."""
+    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty) \
+        if history is not None else logits.float()
+    logp = logits.log_softmax(-1)[0]
+    top = torch.topk(logp, k)
+    return float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist()))
+

@@ -1,0 +1,131 @@
+"""The engine gives each request exactly what `generate` gives it alone, whatever else runs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lmforge.config import Config
+from lmforge.generation.generate import generate_ids
+from lmforge.generation.sampling import SamplingParams
+from lmforge.model.transformer import build_model
+from lmforge.serving.engine import Engine, EngineConfig
+
+
+class ByteTokenizer:
+    """A real, trivial tokenizer (ids are bytes) so engine tests need no model files."""
+
+    stop_ids: set[int] = set()
+    pad_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def stream_decoder(self, skip_special_tokens: bool = True):
+        return _ByteDecoder()
+
+
+class _ByteDecoder:
+    def __init__(self):
+        self.buf = b""
+
+    def add(self, token: int) -> str:
+        self.buf += bytes([token])
+        try:
+            text, self.buf = self.buf.decode(), b""
+            return text
+        except UnicodeDecodeError:
+            return ""
+
+    def flush(self) -> str:
+        text, self.buf = self.buf.decode(errors="replace"), b""
+        return text
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma3"])
+def model(request):
+    torch.manual_seed(0)
+    return build_model(Config.from_name(request.param)).eval()
+
+
+def _prompts(n: int, seed: int, shared_prefix: list[int] | None = None) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefix = shared_prefix or []
+    return [prefix + [rng.randrange(1, 256) for _ in range(rng.randrange(3, 40))] for _ in range(n)]
+
+
+def _alone(model, prompts, max_new):
+    params = SamplingParams(max_new_tokens=max_new, temperature=0)
+    return [generate_ids(model, [p], params)[0] for p in prompts]
+
+
+def _run_with_arrivals(engine: Engine, prompts, max_new, arrive_every=2):
+    """Add one request every `arrive_every` steps while the others run; collect output ids."""
+    params = SamplingParams(max_new_tokens=max_new, temperature=0)
+    pending, seqs, steps = list(prompts), [], 0
+    while pending or engine.has_unfinished():
+        if pending and steps % arrive_every == 0:
+            seqs.append(engine.add_request(pending.pop(0), params))
+        engine.step()
+        steps += 1
+    return [s.output_ids for s in seqs]
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_engine_equals_generate_with_arrivals(model, prefix_caching):
+    shared = list(range(1, 40))  # 39 shared tokens: two full 16-token blocks reused
+    prompts = _prompts(6, seed=1, shared_prefix=shared)
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=16, num_blocks=256,
+                                                          prefix_caching=prefix_caching))
+    assert _run_with_arrivals(engine, prompts, 20) == _alone(model, prompts, 20)
+    if prefix_caching:
+        assert engine.blocks.prefix_hits >= 5 * 32  # every later request reused the shared blocks
+    assert engine.blocks.num_used == 0  # finished sequences hold nothing (cached blocks stay findable)
+
+
+def test_chunked_prefill_and_tight_budget(model):
+    prompts = _prompts(4, seed=2)
+    prompts[0] = list(range(1, 120))  # longer than the step budget: prefilled in chunks
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=8, num_blocks=256, max_num_batched_tokens=24,
+                                                          max_num_seqs=3))
+    assert _run_with_arrivals(engine, prompts, 12, arrive_every=1) == _alone(model, prompts, 12)
+
+
+def test_preemption_recomputes_and_matches(model):
+    prompts = _prompts(5, seed=3)
+    # 14 blocks of 4 slots cannot hold five 40-60 token sequences at once: some get preempted
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=24, prefix_caching=False))
+    assert _run_with_arrivals(engine, prompts, 24, arrive_every=1) == _alone(model, prompts, 24)
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.blocks.num_used == 0
+
+
+def test_abort_frees_blocks(model):
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=64, prefix_caching=False))
+    seq = engine.add_request([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=50, temperature=0))
+    for _ in range(3):
+        engine.step()
+    assert engine.blocks.num_used > 0
+    engine.abort(seq)
+    assert engine.blocks.num_used == 0 and seq.finish_reason == "abort" and not engine.has_unfinished()
+
+
+def test_requests_that_can_never_fit_are_refused(model):
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=4))
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        engine.add_request([1] * 10, SamplingParams(max_new_tokens=20))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.add_request([], SamplingParams())
+
+
+def test_stop_strings_and_text(model):
+    engine = Engine(model, ByteTokenizer(), EngineConfig(num_blocks=64))
+    free = engine.generate([[72, 105]], SamplingParams(max_new_tokens=16, temperature=0))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 16
+    text = free.text
+    stop = text[5:7]
+    assert len(stop) == 2
+    cut = engine.generate([[72, 105]], SamplingParams(max_new_tokens=16, temperature=0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
