@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "generate": "lmforge.commands:generate",
     "chat": "lmforge.commands:chat",
     "bench": "lmforge.commands:bench",
+    "serve": "lmforge.commands:serve",
     "ingest": "lmforge.data.ingest:ingest_command",
     "review": "lmforge.data.review:review_command",
 }

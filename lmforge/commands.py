@@ -169,3 +169,47 @@ def bench(model: str = DEFAULT, prompt_tokens: int = 256, new_tokens: int = 128,
     for key, value in result.items():
         print(f"{key:>18}: {value:.2f}" if isinstance(value, float) else f"{key:>18}: {value}")
     return 0
+
+
+def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          served_name: str | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+          kv_cache_mib: int = 512, block_size: int = 16, prefix_caching: bool = True, max_concurrent: int = 128,
+          max_body_bytes: int = 1 << 20, max_tokens: int = 4096, max_n: int = 8) -> int:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
+
+    Args:
+        model: a model name, a .gguf file or a Hugging Face directory.
+        host: address to bind (127.0.0.1 keeps it on this machine).
+        port: TCP port.
+        api_key: require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY if set).
+        served_name: the model id clients use (default: the model argument).
+        max_num_seqs: sequences decoded together.
+        max_num_batched_tokens: tokens computed per engine step (longer prompts are chunked).
+        kv_cache_mib: memory for the paged KV cache.
+        block_size: tokens per KV block.
+        prefix_caching: reuse KV blocks of identical prompt prefixes.
+        max_concurrent: open requests before answering 429.
+        max_body_bytes: largest request body (413 above).
+        max_tokens: largest max_tokens a request may ask for.
+        max_n: largest n (choices per prompt).
+    """
+    import os
+
+    import uvicorn
+
+    from lmforge.serving.engine import Engine, EngineConfig
+    from lmforge.serving.limits import Limits
+    from lmforge.serving.server import ServerSettings, create_app
+
+    net, tok = _load(model)
+    engine = Engine(net, tok, EngineConfig(block_size=block_size, kv_cache_mib=kv_cache_mib, max_num_seqs=max_num_seqs,
+                                           max_num_batched_tokens=max_num_batched_tokens,
+                                           prefix_caching=prefix_caching))
+    limits = Limits(max_body_bytes=max_body_bytes, max_tokens=max_tokens, max_n=max_n, max_concurrent=max_concurrent,
+                    max_prompt_tokens=net.config.block_size - 1)
+    settings = ServerSettings(served_name or model, api_key or os.environ.get("LMFORGE_API_KEY"), limits)
+    app = create_app(engine, settings)
+    print(f"[serving {settings.model_name} on http://{host}:{port}/v1 with {len(engine.blocks.blocks)} KV blocks]",
+          file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    return 0

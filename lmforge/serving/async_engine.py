@@ -1,0 +1,94 @@
+"""Drive the synchronous Engine from one background thread for asyncio callers (the server).
+
+Engine methods run only under one lock; results travel to each request's asyncio queue
+with `call_soon_threadsafe`. A request whose consumer stops (client disconnect) is aborted
+and its blocks freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import AsyncIterator
+
+from lmforge.generation.sampling import SamplingParams
+from lmforge.serving.engine import Engine, StepOutput
+from lmforge.serving.metrics import Metrics
+
+
+class AsyncEngine:
+    """A background stepping loop plus `stream()` for coroutines."""
+
+    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
+        self.engine, self.metrics = engine, metrics
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def open(self, prompt_ids: list[int], params: SamplingParams, logprobs: int = 0) -> "RequestStream":
+        """Queue a request now (ValueError if refused); iterate the result for its outputs."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            seq = self.engine.add_request(prompt_ids, params, logprobs=logprobs)
+            self._queues[seq.seq_id] = (loop, queue)
+        self._wake.set()
+        return RequestStream(self, seq, queue)
+
+    def close(self, seq) -> None:
+        """Forget a request; abort it if it is still running (its client went away)."""
+        with self._lock:
+            self._queues.pop(seq.seq_id, None)
+            if not seq.is_finished:
+                self.engine.abort(seq)
+                if self.metrics:
+                    self.metrics.finished(seq, "abort")
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            with self._lock:
+                outputs = self.engine.step()
+                targets = [(out, self._queues.get(out.seq.seq_id)) for out in outputs]
+                if self.metrics:
+                    self.metrics.observe_step(self.engine, outputs)
+            for out, target in targets:
+                if target is not None:
+                    loop, queue = target
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Let running requests finish (bounded by `timeout`), then stop the thread."""
+        deadline = time.monotonic() + timeout
+        while self.engine.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; closing it early aborts the request."""
+
+    def __init__(self, owner: AsyncEngine, seq, queue: asyncio.Queue) -> None:
+        self.owner, self.seq, self.queue = owner, seq, queue
+
+    async def __aiter__(self) -> AsyncIterator[StepOutput]:
+        try:
+            while True:
+                out: StepOutput = await self.queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.owner.close(self.seq)

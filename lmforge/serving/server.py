@@ -1,0 +1,259 @@
+"""An OpenAI-compatible HTTP server: a thin layer of decode request -> engine -> encode response.
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with
+server-sent events), GET /health, GET /metrics (Prometheus). Errors use OpenAI's JSON shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lmforge.serving import protocol as P
+from lmforge.serving.async_engine import AsyncEngine
+from lmforge.serving.engine import Engine
+from lmforge.serving.limits import BodySizeLimit, Limits
+from lmforge.serving.metrics import Metrics
+
+
+@dataclass
+class ServerSettings:
+    """What the server accepts; every limit answers with a 4xx naming it."""
+
+    model_name: str
+    api_key: str | None = None
+    limits: Limits = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.limits = self.limits or Limits()
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) -> FastAPI:
+    """The FastAPI app around one engine (the engine thread starts and drains with the app)."""
+    metrics = Metrics()
+    runner = AsyncEngine(engine, metrics)
+    state = {"active": 0}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await asyncio.to_thread(runner.shutdown)  # SIGTERM: uvicorn stops accepting, we finish what runs
+
+    app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    tok = engine.tokenizer
+    context = engine.model.config.block_size
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(P.error_body(err.message, err.kind, err.param), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+        message = f"{where}: {first.get('msg', 'invalid')}"
+        if first.get("type") == "extra_forbidden":
+            message = f"unknown field {where!r}; remove it (see the OpenAI API reference for the fields)"
+        return JSONResponse(P.error_body(message, param=where), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse(P.error_body(str(err.detail), "not_found_error" if err.status_code == 404 else
+                                         "invalid_request_error"), status_code=err.status_code)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                           "authentication_error")
+
+    def check_model(name: str) -> None:
+        if name != settings.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}",
+                           "not_found_error", "model")
+
+    def budget(ids: list[int], requested: int | None) -> int:
+        lim = settings.limits
+        if len(ids) > lim.max_prompt_tokens or len(ids) >= context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; the limit is "
+                                f"{min(lim.max_prompt_tokens, context - 1)}", param="prompt")
+        if requested is not None and requested > lim.max_tokens:
+            raise APIError(400, f"max_tokens={requested} is above this server's limit {lim.max_tokens}",
+                           param="max_tokens")
+        return min(requested or lim.default_max_tokens, context - len(ids))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "owned_by": "lmforge",
+                                            "created": 0, "max_model_len": context}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: Request):
+        authorize(request)
+        check_model(body.model)
+        prompts = _prompt_list(body.prompt, tok)
+        return await serve(body, prompts, body.max_tokens, body.logprobs or 0, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: P.ChatRequest, request: Request):
+        authorize(request)
+        check_model(body.model)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from None
+        k = (body.top_logprobs or 1) if body.logprobs else 0
+        return await serve(body, [tok.encode(text, add_special_tokens=False)], body.max_completion_tokens or
+                           body.max_tokens, k, chat=True)
+
+    async def serve(body, prompts: list[list[int]], requested: int | None, logprobs: int, chat: bool):
+        lim = settings.limits
+        if body.n > lim.max_n:
+            raise APIError(400, f"n={body.n} is above this server's limit {lim.max_n}", param="n")
+        if state["active"] >= lim.max_concurrent:
+            raise APIError(429, f"{lim.max_concurrent} requests are already running; retry later",
+                           "rate_limit_error")
+        plans = [(i, ids, budget(ids, requested)) for i, ids in enumerate(prompts)]
+        try:
+            streams = [(p * body.n + j, ids, runner.open(ids, body.sampling(max_new, p * body.n + j), logprobs))
+                       for p, ids, max_new in plans for j in range(body.n)]
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        state["active"] += 1
+        kind = "chat.completion" if chat else "text_completion"
+        request_id = P.new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            events = _stream_events(streams, tok, chat, logprobs, body, request_id, settings.model_name, kind)
+            return StreamingResponse(_sse(_release(events, state)), media_type="text/event-stream")
+        try:
+            choices, n_prompt, n_out = await _collect(streams, tok, chat, logprobs)
+        finally:
+            state["active"] -= 1
+        return P.envelope(kind, request_id, settings.model_name, choices, usage=P.usage(n_prompt, n_out))
+
+    app.state.metrics, app.state.runner = metrics, runner
+    return app
+
+
+def _prompt_list(prompt, tok) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    return [tok.encode(p) for p in prompt]
+
+
+def _entry(tok, out) -> tuple[str, float, list[tuple[str, float]]]:
+    return (tok.decode([out.token]), out.logprob, [(tok.decode([t]), lp) for t, lp in out.top_logprobs])
+
+
+async def _merge(streams) -> AsyncIterator[tuple[int, Any]]:
+    """Outputs of several request streams as they come, tagged with their choice index."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, stream):
+        try:
+            async for out in stream:
+                await queue.put((index, out))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(index, stream)) for index, _, stream in streams]
+    done = 0
+    try:
+        while done < len(tasks):
+            index, out = await queue.get()
+            if out is None:
+                done += 1
+            else:
+                yield index, out
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _collect(streams, tok, chat: bool, logprobs: int) -> tuple[list[dict], int, int]:
+    texts = {i: "" for i, _, _ in streams}
+    entries: dict[int, list] = {i: [] for i, _, _ in streams}
+    reasons: dict[int, str] = {}
+    n_out = 0
+    async for index, out in _merge(streams):
+        texts[index] += out.text
+        if out.token is not None:
+            n_out += 1
+            if logprobs:
+                entries[index].append(_entry(tok, out))
+        if out.finished:
+            reasons[index] = out.seq.finish_reason or "stop"
+    choices = []
+    for index, _, _ in streams:
+        lp = (P.chat_logprobs(entries[index]) if chat else P.completion_logprobs(entries[index])) if logprobs else None
+        body = {"message": {"role": "assistant", "content": texts[index]}} if chat else {"text": texts[index]}
+        choices.append({"index": index, **body, "logprobs": lp, "finish_reason": reasons.get(index, "length")})
+    n_prompt = sum(len(ids) for _, ids, _ in streams)
+    return choices, n_prompt, n_out
+
+
+async def _stream_events(streams, tok, chat, logprobs, body, request_id, model, kind):
+    """Chunks for the SSE stream: role first (chat), then text deltas, finish reasons, usage."""
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    if chat:
+        for index, _, _ in streams:
+            yield P.envelope(chunk_kind, request_id, model,
+                             [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    n_out = 0
+    async for index, out in _merge(streams):
+        n_out += out.token is not None
+        lp = None
+        if logprobs and out.token is not None:
+            entry = [_entry(tok, out)]
+            lp = P.chat_logprobs(entry) if chat else P.completion_logprobs(entry)
+        if not out.text and not out.finished and lp is None:
+            continue
+        reason = (out.seq.finish_reason or "stop") if out.finished else None
+        choice = {"index": index, "logprobs": lp, "finish_reason": reason}
+        choice.update({"delta": {"content": out.text}} if chat else {"text": out.text})
+        yield P.envelope(chunk_kind, request_id, model, [choice])
+    if body.stream_options and body.stream_options.include_usage:
+        yield P.envelope(chunk_kind, request_id, model, [], usage=P.usage(sum(len(ids) for _, ids, _ in streams),
+                                                                          n_out))
+
+
+async def _release(events, state):
+    try:
+        async for event in events:
+            yield event
+    finally:
+        state["active"] -= 1
+
+
+async def _sse(events) -> AsyncIterator[bytes]:
+    async for event in events:
+        yield f"data: {json.dumps(event)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
