@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: embed, store, bm25, retrieve, rerank, metrics, pipeline."""
