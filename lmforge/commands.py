@@ -174,7 +174,8 @@ def bench(model: str = DEFAULT, prompt_tokens: int = 256, new_tokens: int = 128,
 def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_name: str | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
           kv_cache_mib: int = 512, block_size: int = 16, prefix_caching: bool = True, max_concurrent: int = 128,
-          max_body_bytes: int = 1 << 20, max_tokens: int = 4096, max_n: int = 8) -> int:
+          max_body_bytes: int = 1 << 20, max_tokens: int = 4096, max_n: int = 8, semantic_cache: bool = False,
+          semantic_threshold: float = 0.95) -> int:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
 
     Args:
@@ -192,6 +193,8 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
         max_body_bytes: largest request body (413 above).
         max_tokens: largest max_tokens a request may ask for.
         max_n: largest n (choices per prompt).
+        semantic_cache: answer near-identical greedy prompts from a cache (all-MiniLM-L6-v2 embeddings).
+        semantic_threshold: cosine similarity needed for a semantic-cache hit.
     """
     import os
 
@@ -208,7 +211,13 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
     limits = Limits(max_body_bytes=max_body_bytes, max_tokens=max_tokens, max_n=max_n, max_concurrent=max_concurrent,
                     max_prompt_tokens=net.config.block_size - 1)
     settings = ServerSettings(served_name or model, api_key or os.environ.get("LMFORGE_API_KEY"), limits)
-    app = create_app(engine, settings)
+    cache = None
+    if semantic_cache:
+        from lmforge.rag.embed import MiniLMEmbedder
+        from lmforge.serving.semantic_cache import SemanticCache
+
+        cache = SemanticCache(MiniLMEmbedder(), semantic_threshold)
+    app = create_app(engine, settings, semantic_cache=cache)
     print(f"[serving {settings.model_name} on http://{host}:{port}/v1 with {len(engine.blocks.blocks)} KV blocks]",
           file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)

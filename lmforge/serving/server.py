@@ -22,6 +22,7 @@ from lmforge.serving.async_engine import AsyncEngine
 from lmforge.serving.engine import Engine
 from lmforge.serving.limits import BodySizeLimit, Limits
 from lmforge.serving.metrics import Metrics
+from lmforge.serving.semantic_cache import CachedCompletion
 
 
 @dataclass
@@ -138,6 +139,12 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
             raise APIError(429, f"{lim.max_concurrent} requests are already running; retry later",
                            "rate_limit_error")
         plans = [(i, ids, budget(ids, requested)) for i, ids in enumerate(prompts)]
+        cache_key = _semantic_key(body, plans, logprobs) if semantic_cache is not None else None
+        if cache_key is not None:
+            hit = await asyncio.to_thread(semantic_cache.lookup, tok.decode(plans[0][1]), cache_key)
+            metrics.semantic_lookup(hit is not None)
+            if hit is not None:
+                return _cached_response(hit, body, chat, len(plans[0][1]), settings.model_name)
         try:
             streams = [(p * body.n + j, ids, runner.open(ids, body.sampling(max_new, p * body.n + j), logprobs))
                        for p, ids, max_new in plans for j in range(body.n)]
@@ -153,10 +160,29 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
             choices, n_prompt, n_out = await _collect(streams, tok, chat, logprobs)
         finally:
             state["active"] -= 1
+        if cache_key is not None:
+            text = choices[0]["message"]["content"] if chat else choices[0]["text"]
+            entry = CachedCompletion(text, choices[0]["finish_reason"], n_out)
+            await asyncio.to_thread(semantic_cache.store, tok.decode(plans[0][1]), cache_key, entry)
         return P.envelope(kind, request_id, settings.model_name, choices, usage=P.usage(n_prompt, n_out))
 
     app.state.metrics, app.state.runner = metrics, runner
     return app
+
+
+def _semantic_key(body, plans, logprobs: int) -> str | None:
+    """Settings that must match for a semantic-cache hit; None when the request is not cacheable."""
+    if body.stream or body.n != 1 or len(plans) != 1 or logprobs or body.temperature != 0:
+        return None
+    return json.dumps([type(body).__name__, plans[0][2], body.stops(), body.repetition_penalty])
+
+
+def _cached_response(hit: CachedCompletion, body, chat: bool, n_prompt: int, model: str) -> dict:
+    kind = "chat.completion" if chat else "text_completion"
+    text = {"message": {"role": "assistant", "content": hit.text}} if chat else {"text": hit.text}
+    choice = {"index": 0, **text, "logprobs": None, "finish_reason": hit.finish_reason}
+    return P.envelope(kind, P.new_id("chatcmpl" if chat else "cmpl"), model, [choice],
+                      usage=P.usage(n_prompt, hit.completion_tokens), system_fingerprint="lmforge-semantic-cache")
 
 
 def _prompt_list(prompt, tok) -> list[list[int]]:

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -18,34 +14,9 @@ pytestmark = pytest.mark.real_model
 KEY = "test-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(model_path, *flags: str):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(model_path), "--port", str(port),
-                             "--served-name", "smol", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read())
-    proc.kill()
-    raise RuntimeError("server did not start in 60 s")
-
-
 @pytest.fixture(scope="module")
-def server(smollm2_gguf):
-    proc, base = _start(smollm2_gguf, "--api-key", KEY, "--max-concurrent", "3", "--max-body-bytes", "40000",
+def server(smollm2_gguf, serve_process):
+    proc, base = serve_process(smollm2_gguf, "--api-key", KEY, "--max-concurrent", "3", "--max-body-bytes", "40000",
                         "--max-tokens", "256")
     yield base
     proc.terminate()
@@ -174,8 +145,8 @@ def test_metrics_are_prometheus_text(server, client):
         assert name in text
 
 
-def test_sigterm_drains_running_streams(smollm2_gguf):
-    proc, base = _start(smollm2_gguf)
+def test_sigterm_drains_running_streams(smollm2_gguf, serve_process):
+    proc, base = serve_process(smollm2_gguf)
     body = {"model": "smol", "prompt": "Count slowly:", "max_tokens": 40, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
