@@ -2,7 +2,8 @@
 
 The command line is a table from subcommand to a typed function: its signature becomes the
 flags (a leading string parameter with a default becomes an optional positional, as in
-`lmforge pull NAME`), its docstring the --help text. Modules load only when their command
+`lmforge pull NAME`; a keyword-only one without a default, a required flag), its docstring
+the --help text. Modules load only when their command
 runs, which keeps `lmforge --help` instant.
 """
 
@@ -24,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "chat": "lmforge.commands:chat",
     "bench": "lmforge.commands:bench",
     "serve": "lmforge.commands:serve",
+    "export": "lmforge.commands:export",
     "ingest": "lmforge.data.ingest:ingest_command",
     "review": "lmforge.data.review:review_command",
 }
@@ -57,7 +59,9 @@ def _add_arguments(parser: argparse.ArgumentParser, func: Callable[..., Any]) ->
             kind = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(kind), typing.get_args(kind)
         flag = "--" + name.replace("_", "-")
-        if param.default is inspect.Parameter.empty:
+        if param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.KEYWORD_ONLY:
+            parser.add_argument(flag, dest=name, type=kind, required=True, help=help_text)  # `*, out: str`
+        elif param.default is inspect.Parameter.empty:
             nargs = "+" if origin is list else None
             parser.add_argument(name, type=args[0] if origin is list else kind, nargs=nargs, help=help_text)
         elif index == 0 and kind is str:  # `lmforge pull NAME`: a leading optional positional

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
+from typing import Literal
 
 from lmforge import hub
 
@@ -221,4 +221,29 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
     print(f"[serving {settings.model_name} on http://{host}:{port}/v1 with {len(engine.blocks.blocks)} KV blocks]",
           file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    return 0
+
+
+def export(model: str, *, out: str, format: Literal["hf"] = "hf") -> int:
+    """Write a model as a Hugging Face directory (safetensors, config, tokenizer, chat template).
+
+    vLLM, transformers and llama.cpp's converter load this layout directly.
+
+    Args:
+        model: a model name, a .gguf file or a Hugging Face directory.
+        out: the directory to write.
+        format: hf (GGUF export is not built yet).
+    """
+    import json
+
+    from lmforge.checkpoint.hf import save_hf
+
+    net, tok = _load(model)
+    path = save_hf(net, out)
+    tok.save_hf(path, model_max_length=net.config.block_size)
+    stops = sorted(tok.stop_ids)
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": stops if len(stops) > 1 else tok.eos_id,
+                  "pad_token_id": tok.pad_id}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    print(f"wrote {path} ({sum(f.stat().st_size for f in path.iterdir()) / 2**20:.0f} MiB)")
     return 0

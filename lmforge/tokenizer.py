@@ -297,6 +297,24 @@ class Tokenizer:
         source = jinja_file.read_text("utf-8") if jinja_file.is_file() else template_from_config(config)
         return cls(backend, ChatTemplate.or_fallback(source, backend.token_to_id), bos, eos, pad)
 
+    def save_hf(self, path: str | Path, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json + tokenizer_config.json (with the chat template), as transformers and vLLM read them."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / "tokenizer.json"))
+        name = self.backend.id_to_token
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id) if self.bos_id is not None else None,
+            "eos_token": name(self.eos_id) if self.eos_id is not None else None,
+            "pad_token": name(self.pad_id) if self.pad_id is not None else None,
+            "chat_template": self.chat_template.source,
+            "clean_up_tokenization_spaces": False,
+        }
+        if model_max_length:
+            config["model_max_length"] = model_max_length
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
     # -- text <-> ids ---------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, BOS/EOS as the checkpoint asks (add_bos_token)."""
