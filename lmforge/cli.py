@@ -28,6 +28,10 @@ COMMANDS: dict[str, str] = {
     "export": "lmforge.commands:export",
     "ingest": "lmforge.data.ingest:ingest_command",
     "review": "lmforge.data.review:review_command",
+    "rag-index": "lmforge.rag.commands:index_command",  # also `lmforge rag index`
+    "rag-ask": "lmforge.rag.commands:ask_command",  # also `lmforge rag ask`
+    "agent": "lmforge.agents.commands:agent_command",
+    "guard": "lmforge.safety.commands:guard_command",
 }
 
 
@@ -96,6 +100,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and f"{argv[0]}-{argv[1]}" in COMMANDS:  # `lmforge rag index` == `lmforge rag-index`
+        argv = [f"{argv[0]}-{argv[1]}", *argv[2:]]
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
     if args.command is None:

@@ -1,0 +1,1 @@
+"""Agents: a ReAct loop and its tools."""

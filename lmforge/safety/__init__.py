@@ -1,0 +1,1 @@
+"""Safety: prompt-injection detection, spotlighting, PII redaction, and the input/output guard."""
