@@ -31,13 +31,21 @@ class AsyncEngine:
 
     def open(self, prompt_ids: list[int], params: SamplingParams, logprobs: int = 0) -> "RequestStream":
         """Queue a request now (ValueError if refused); iterate the result for its outputs."""
+        return self.open_parallel(prompt_ids, [params], logprobs)[0]
+
+    def open_parallel(self, prompt_ids: list[int], params: list[SamplingParams], logprobs: int = 0
+                      ) -> list["RequestStream"]:
+        """Queue one prompt sampled len(params) ways (one prefill, forked); one stream per sample."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            seq = self.engine.add_request(prompt_ids, params, logprobs=logprobs)
-            self._queues[seq.seq_id] = (loop, queue)
+            seqs = self.engine.add_parallel(prompt_ids, params, logprobs=logprobs)
+            streams = []
+            for seq in seqs:
+                queue: asyncio.Queue = asyncio.Queue()
+                self._queues[seq.seq_id] = (loop, queue)
+                streams.append(RequestStream(self, seq, queue))
         self._wake.set()
-        return RequestStream(self, seq, queue)
+        return streams
 
     def close(self, seq) -> None:
         """Forget a request; abort it if it is still running (its client went away)."""

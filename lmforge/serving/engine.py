@@ -18,7 +18,7 @@ from lmforge.generation.sampling import SamplingParams, apply_repetition_penalty
 from lmforge.serving.block_manager import BlockManager
 from lmforge.serving.model_runner import ModelRunner, PagedKVCache
 from lmforge.serving.scheduler import Scheduler, SchedulerConfig
-from lmforge.serving.sequence import Sequence
+from lmforge.serving.sequence import Sequence, Status
 
 
 @dataclass
@@ -67,7 +67,16 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, logprobs: int = 0) -> Sequence:
         """Queue a request; raises ValueError when it can never fit."""
-        if params.num_beams > 1:
+        return self.add_parallel(prompt, [params], logprobs)[0]
+
+    def add_parallel(self, prompt: str | list[int], params: Seq[SamplingParams], logprobs: int = 0
+                     ) -> list[Sequence]:
+        """Queue one prompt sampled len(params) ways (OpenAI's n): one prefill, then forked sequences.
+
+        The first sequence computes the prompt; the others share its KV blocks from then on
+        (copy-on-write for the partly filled last block) and each samples with its own params.
+        """
+        if any(p.num_beams > 1 for p in params):
             raise ValueError("the engine samples; use lmforge.generation.beam for beam search")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         limit = self.model.config.block_size
@@ -77,19 +86,28 @@ class Engine:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context is {limit}; shorten it")
         if any(not 0 <= t < self.model.config.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
-        max_new = min(params.max_new_tokens, limit - len(ids))
-        if len(ids) + max_new > self.capacity_tokens:
-            raise ValueError(f"prompt + max_tokens = {len(ids) + max_new} tokens exceeds the KV cache "
+        most = min(max(p.max_new_tokens for p in params), limit - len(ids))
+        if len(ids) + most > self.capacity_tokens:
+            raise ValueError(f"prompt + max_tokens = {len(ids) + most} tokens exceeds the KV cache "
                              f"({self.capacity_tokens} tokens); raise kv_cache_mib or lower max_tokens")
+        seqs = [self._sequence(ids, p, logprobs) for p in params]
+        seqs[0].children = seqs[1:]
+        self.scheduler.add(seqs[0])
+        return seqs
+
+    def _sequence(self, ids: list[int], params: SamplingParams, logprobs: int) -> Sequence:
         stop = set() if params.ignore_eos else set(self.tokenizer.stop_ids)
-        seq = Sequence(ids, params, eos_ids=frozenset(stop | set(params.stop_token_ids)), max_new=max_new)
+        max_new = min(params.max_new_tokens, self.model.config.block_size - len(ids))
+        seq = Sequence(list(ids), params, eos_ids=frozenset(stop | set(params.stop_token_ids)), max_new=max_new)
         self.texts[seq.seq_id] = TextAssembler(self.tokenizer, params.stop)
         self.logprobs_wanted[seq.seq_id] = logprobs
-        self.scheduler.add(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """Stop a request now (client went away) and free its blocks."""
+        """Stop a request now (client went away) and free its blocks; unforked siblings go too."""
+        for child in seq.children:
+            self.abort(child)
+        seq.children = []
         if not seq.is_finished:
             self.scheduler.finish(seq, "abort")
         self._forget(seq)
@@ -107,8 +125,21 @@ class Engine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
-        outputs = [self._postprocess(seq, logits[i:i + 1]) for i, seq in enumerate(sampling)]
+        outputs = []
+        for i, seq in enumerate(sampling):
+            for child in self._fork_children(seq):
+                outputs.append(self._postprocess(child, logits[i:i + 1]))
+            outputs.append(self._postprocess(seq, logits[i:i + 1]))
         return outputs
+
+    def _fork_children(self, seq: Sequence) -> list[Sequence]:
+        """At a parent's first sample, its waiting siblings take over its blocks and start running."""
+        children, seq.children = seq.children, []
+        for child in children:
+            self.blocks.fork(seq, child)
+            child.status = Status.RUNNING
+            self.scheduler.running.append(child)
+        return children
 
     def _postprocess(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
         """Sample the next token of `seq`, update its text, and finish it if it is done."""

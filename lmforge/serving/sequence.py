@@ -45,6 +45,7 @@ class Sequence:
     last_token_at: float | None = None
     generator: torch.Generator | None = None
     eos_ids: frozenset[int] = frozenset()
+    children: list["Sequence"] = field(default_factory=list)  # parallel samples forked after the prefill
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and self.generator is None:

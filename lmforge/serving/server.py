@@ -146,8 +146,11 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
             if hit is not None:
                 return _cached_response(hit, body, chat, len(plans[0][1]), settings.model_name)
         try:
-            streams = [(p * body.n + j, ids, runner.open(ids, body.sampling(max_new, p * body.n + j), logprobs))
-                       for p, ids, max_new in plans for j in range(body.n)]
+            streams = []
+            for p, ids, max_new in plans:
+                samples = [body.sampling(max_new, p * body.n + j) for j in range(body.n)]
+                opened = runner.open_parallel(ids, samples, logprobs)
+                streams += [(p * body.n + j, ids, stream) for j, stream in enumerate(opened)]
         except ValueError as err:
             raise APIError(400, str(err)) from None
         state["active"] += 1

@@ -129,3 +129,31 @@ def test_stop_strings_and_text(model):
     assert len(stop) == 2
     cut = engine.generate([[72, 105]], SamplingParams(max_new_tokens=16, temperature=0, stop=[stop]))[0]
     assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+
+
+def test_parallel_samples_share_one_prefill(model):
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=128))
+    prompt = list(range(1, 15))  # 14 tokens: the fourth block is partly filled and shared after the fork
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    seqs = engine.add_parallel(prompt, [greedy] * 3)
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        if steps == 2:  # after the fork: the children hold the parent's blocks
+            assert len({tuple(s.block_table[:3]) for s in seqs}) == 1
+    alone = _alone(model, [prompt], 10)[0]
+    assert [s.output_ids for s in seqs] == [alone] * 3
+    assert engine.blocks.num_used == 0
+    sampled = engine.add_parallel(prompt, [SamplingParams(max_new_tokens=10, temperature=1.0, seed=i)
+                                           for i in range(3)])
+    while engine.has_unfinished():
+        engine.step()
+    assert len({tuple(s.output_ids) for s in sampled}) > 1  # each sample follows its own seed
+
+
+def test_abort_before_fork_aborts_siblings(model):
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=64))
+    seqs = engine.add_parallel([1, 2, 3], [SamplingParams(max_new_tokens=5)] * 2)
+    engine.abort(seqs[0])
+    assert all(s.finish_reason == "abort" for s in seqs) and not engine.has_unfinished()

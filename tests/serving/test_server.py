@@ -12,6 +12,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.real_model
 KEY = "test-key"
+LONG = "1, 2, 3, 4, 5,"  # greedy SmolLM2 keeps counting: never an early EOS
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(server, client, b
 
 
 def test_disconnect_aborts_and_frees_blocks(server):
-    body = {"model": "smol", "prompt": "Write a long story about a dragon.", "max_tokens": 200, "stream": True}
+    body = {"model": "smol", "prompt": LONG, "max_tokens": 200, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}"},
                       timeout=60) as response:
         lines = response.iter_lines()
@@ -123,7 +124,7 @@ def test_disconnect_aborts_and_frees_blocks(server):
 
 
 def test_too_many_concurrent_requests_get_429(server):
-    body = {"model": "smol", "prompt": "Tell me everything about the sea.", "max_tokens": 120, "stream": True}
+    body = {"model": "smol", "prompt": LONG, "max_tokens": 120, "stream": True, "temperature": 0}
     headers = {"authorization": f"Bearer {KEY}"}
     with httpx.Client(timeout=60) as http:
         streams = [http.stream("POST", f"{server}/v1/completions", json=body, headers=headers) for _ in range(3)]
@@ -147,7 +148,7 @@ def test_metrics_are_prometheus_text(server, client):
 
 def test_sigterm_drains_running_streams(smollm2_gguf, serve_process):
     proc, base = serve_process(smollm2_gguf)
-    body = {"model": "smol", "prompt": "Count slowly:", "max_tokens": 40, "stream": True, "temperature": 0}
+    body = {"model": "smol", "prompt": LONG, "max_tokens": 40, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data:")
