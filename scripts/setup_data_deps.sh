@@ -3,7 +3,7 @@
 # Tesseract (OCR of pages without a text layer), Chromium and its driver (review page browser test).
 # Idempotent and quiet: installs only what is missing; needs root (or sudo) and Debian's apt.
 set -euo pipefail
-packages=(r-doc-pdf tesseract-ocr chromium chromium-driver)
+packages=(r-doc-pdf tesseract-ocr chromium chromium-driver python3.11-doc)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
