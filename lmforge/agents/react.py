@@ -39,7 +39,8 @@ Action Input: {"expression": "6 * 7"}
 Observation: 42
 Thought: I know the answer
 Final Answer: 42"""
-ACTION = re.compile(r"Action\s*:\s*(?P<name>[\w.-]+)\s*(?:\n|$)\s*Action\s*Input\s*:\s*(?P<input>.*)", re.S | re.I)
+ACTION = re.compile(r"Action\s*:\s*(?P<name>[\w.-]+)[ \t]*(?:\n\s*Action\s*Input\s*:\s*(?P<input>.*))?", re.S | re.I)
+LOOSE_OBJECT = re.compile(r"\{\s*[\"']?(?P<key>\w+)[\"']?\s*:\s*(?P<value>.*?)\s*\}")  # {"expression": 17 * 23}
 FINAL = re.compile(r"Final\s*Answer\s*:\s*(?P<answer>.*)", re.S | re.I)
 THOUGHT = re.compile(r"^\s*(?:Thought\s*:)?\s*(?P<thought>.*?)(?=\n\s*(?:Action|Final\s*Answer)\s*:|$)", re.S | re.I)
 
@@ -112,7 +113,7 @@ def parse_output(text: str, tools: dict[str, Tool]) -> tuple[str, str | None, di
     name = action.group("name").strip()
     if name not in tools:
         raise ParseError(f"unknown tool {name!r}; the tools are {sorted(tools)}")
-    return thought, name, parse_input(action.group("input"), tools[name]), None
+    return thought, name, parse_input(action.group("input") or "", tools[name]), None
 
 
 def parse_input(raw: str, tool: Tool) -> dict:
@@ -127,6 +128,9 @@ def parse_input(raw: str, tool: Tool) -> dict:
         except json.JSONDecodeError:
             pass
     required = tool.parameters.get("required", [])
+    loose = LOOSE_OBJECT.match(raw)
+    if len(required) == 1 and loose and loose.group("key") == required[0]:  # unquoted value, a small model's habit
+        return {required[0]: loose.group("value").strip("\"'")}
     if len(required) == 1 and raw and not raw.startswith("{"):
         return {required[0]: raw.strip("\"'")}
     if not required and not raw.strip("{} "):
@@ -176,7 +180,8 @@ def take_step(step: Step, tools: dict[str, Tool], config: AgentConfig) -> str:
         step.error = f"parse: {err}"
         step.observation = f"Invalid format ({err}). Reply with Thought, then Action and Action Input, " \
                            f"or Final Answer."
-        return f"Thought: {step.raw.strip()[:200]}\nObservation: {step.observation}\n"
+        said = re.sub(r"^\s*Thought\s*:\s*", "", step.raw.strip(), flags=re.I)[:200]
+        return f"Thought: {said}\nObservation: {step.observation}\n"
     if step.final_answer is not None:
         return ""
     try:

@@ -31,7 +31,7 @@ def _stemmer(enabled: bool):
         import Stemmer
     except ImportError:
         return None
-    return Stemmer.Stemmer("english").stemWords
+    return Stemmer.Stemmer("english").stemWord
 
 
 class BM25Index:

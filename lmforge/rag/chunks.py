@@ -69,7 +69,7 @@ def _read_text(path: Path) -> str:
 
 
 def paragraph_spans(text: str):
-    """lmforge.data.chunk Spans, one per blank-line paragraph; headings start a new run."""
+    """lmforge.data.chunk Spans, one per blank-line paragraph; a heading names the section of what follows."""
     from lmforge.data.chunk import Span
 
     spans, section = [], ""
@@ -78,7 +78,7 @@ def paragraph_spans(text: str):
         is_heading = bool(HEADING.match(para)) and len(para) < 200
         if is_heading:
             section = para.lstrip("#").splitlines()[0].strip()
-        spans.append(Span(match.start(), match.end(), 0, 0, section, keep=True, boundary=is_heading))
+        spans.append(Span(match.start(), match.end(), 0, 0, section, keep=not is_heading, boundary=is_heading))
     return spans
 
 
@@ -135,9 +135,22 @@ def dedupe_ids(chunks: list[Chunk]) -> list[Chunk]:
     return list(by_id.values())
 
 
-def embedder_tokenizer():
-    """all-MiniLM-L6-v2's tokenizer.json, so chunk limits match what the embedder reads."""
-    from lmforge.data.ingest import HFTokenizer
-    from lmforge.rag.embed import default_model_dir
+class EmbedderTokenizer:
+    """all-MiniLM-L6-v2's tokenizer.json without its padding and truncation (they would fake the counts)."""
 
-    return HFTokenizer(default_model_dir() / "tokenizer.json")
+    def __init__(self):
+        from tokenizers import Tokenizer
+
+        from lmforge.rag.embed import default_model_dir
+
+        self._tok = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
+        self._tok.no_padding()
+        self._tok.no_truncation()
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def embedder_tokenizer() -> EmbedderTokenizer:
+    """The embedder's own tokenizer, so chunk limits match what the embedder reads."""
+    return EmbedderTokenizer()

@@ -23,6 +23,7 @@ from typing import Literal
 PATTERNS: dict[str, re.Pattern] = {name: re.compile(rx, re.IGNORECASE) for name, rx in {
     "ignore_previous": r"\b(ignore|disregard|forget|skip|override)\b[^.\n]{0,40}\b(previous|prior|above|earlier|all|"
                        r"your|the)\b[^.\n]{0,20}\b(instructions?|directions?|prompts?|rules|guidelines|context)",
+    "ignore_above": r"\b(ignore|disregard|forget)\b (all |everything |the text |the )?(above|before this)\b",
     "forget_everything": r"\bforget (everything|all)\b",
     "new_instructions": r"\b(new|updated|real) (instructions?|task|directive)s?\s*(from [\w ]{1,20})?[:!]",
     "role_override": r"\byou are (now|no longer)\b[^.\n]{0,60}\b(mode|assistant|model|ai|dan|unrestricted|admin)",
