@@ -1,0 +1,104 @@
+"""Adapters in the PEFT layout: adapter_config.json + adapter_model.safetensors, PEFT key names.
+
+`peft.PeftModel.from_pretrained(hf_model, path)` loads what `save_adapter` writes; our names
+are already PEFT's after the `base_model.model.` prefix (model.layers.0.self_attn.q_proj.lora_A.weight).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.data.io import atomic_write_json
+from lmforge.training.lora import LoRAConfig, adapter_state, apply_lora
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def peft_config(config: LoRAConfig, base_model: str | None = None) -> dict:
+    """The adapter_config.json PEFT reads (LoraConfig fields; ours kept under `lmforge`)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": sorted(config.target_modules), "use_dora": config.dora, "use_rslora": False,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def _base_metadata(config: LoRAConfig) -> dict[str, str]:
+    """How the base was quantized in training, kept in the safetensors header (PEFT ignores it)."""
+    return {"format": "pt", "lmforge.quantize": config.quantize,
+            "lmforge.nf4_block_size": str(config.nf4_block_size), "lmforge.double_quant": str(config.double_quant)}
+
+
+def save_adapter(model: nn.Module, path: str | Path, base_model: str | None = None) -> Path:
+    """Write the model's adapter (atomically, file by file) in the PEFT layout."""
+    config: LoRAConfig | None = getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("the model has no adapter; call apply_lora first")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
+    tmp = path / f".{WEIGHTS_FILE}.tmp"
+    save_file(tensors, str(tmp), metadata=_base_metadata(config))
+    tmp.replace(path / WEIGHTS_FILE)
+    atomic_write_json(path / CONFIG_FILE, peft_config(config, base_model))
+    return path
+
+
+def read_adapter_config(path: str | Path) -> LoRAConfig:
+    """A LoRAConfig from a PEFT adapter_config.json (ours or PEFT's own)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise ValueError(f"{file} not found; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    cfg = json.loads(file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{file}: peft_type {cfg['peft_type']!r} is not supported (LORA only)")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ValueError(f"{file}: target_modules as a regex ({targets!r}) is not supported; list the names")
+    weights = Path(path) / WEIGHTS_FILE
+    meta = {}
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            meta = f.metadata() or {}
+    return LoRAConfig(rank=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                      target_modules=targets, dora=bool(cfg.get("use_dora")),
+                      quantize=meta.get("lmforge.quantize", "none"),
+                      nf4_block_size=int(meta.get("lmforge.nf4_block_size", 64)),
+                      double_quant=meta.get("lmforge.double_quant", "True") == "True")
+
+
+def load_adapter(model: nn.Module, path: str | Path, quantize: str | None = None) -> nn.Module:
+    """Apply the adapter saved at `path` to `model` (in place); every key must match."""
+    config = read_adapter_config(path)
+    if quantize is not None:
+        config.quantize = quantize
+    apply_lora(model, config)
+    raw = load_file(str(Path(path) / WEIGHTS_FILE))
+    state = {_our_name(k): v for k, v in raw.items()}
+    expected = adapter_state(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter does not fit this model: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}; was it trained on another architecture?")
+    with torch.no_grad():
+        for name, param in expected.items():
+            if param.shape != state[name].shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
+            param.copy_(state[name])
+    return model
+
+
+def _our_name(key: str) -> str:
+    """PEFT key -> ours: drop the prefix and any adapter name (`.default`)."""
+    key = key.removeprefix(PEFT_PREFIX)
+    return key.replace(".default.", ".").removesuffix(".default")
