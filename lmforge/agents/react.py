@@ -30,7 +30,8 @@ Action Input: a JSON object with the tool's arguments
 Observation: the tool's result (written for you)
 ... (repeat Thought/Action/Action Input/Observation as needed)
 Thought: I know the answer
-Final Answer: the answer"""
+Final Answer: the answer
+As soon as an Observation answers the question, write Thought and Final Answer; do not call more tools."""
 EXAMPLE = """Example:
 Question: What is 6 times 7?
 Thought: I should use the calculator.

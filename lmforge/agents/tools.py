@@ -57,7 +57,7 @@ def check_arguments(tool: Tool, arguments: Any) -> None:
         raise ToolError(f"{tool.name} takes a JSON object of arguments, got {type(arguments).__name__}")
     props = tool.parameters.get("properties", {})
     missing = [k for k in tool.parameters.get("required", []) if k not in arguments]
-    unknown = [k for k in arguments if props and k not in props]
+    unknown = [k for k in arguments if k not in props]
     if missing or unknown:
         raise ToolError(f"{tool.name}: missing arguments {missing}, unknown arguments {unknown}; "
                         f"expected {sorted(props)}")
