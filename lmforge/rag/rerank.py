@@ -1,9 +1,12 @@
 """Rerankers behind one protocol; the real one asks the local language model "is this relevant?".
 
-`LMReranker` scores a (query, chunk) pair by log P("yes") of the model's next token after a
-chat-templated relevance question, summed over the spellings "yes"/"Yes" (with and without a
-leading space). This is the pointwise "yes/no" reranker of Nogueira et al. 2020 (monoT5) with a
-chat model instead of T5; the candidates are scored in left-padded batches, one forward each.
+`LMReranker` scores a (query, chunk) pair by the log-odds log P("yes") - log P("no") of the model's
+next token after a chat-templated relevance question, each summed over its spellings ("yes"/"Yes",
+with and without a leading space). This is the pointwise "yes/no" reranker of Nogueira et al. 2020
+(monoT5) with a chat model instead of T5. Subtracting log P("no") removes the per-document bias of
+a small model that says "yes" to everything (on 10 FAQ queries it lifted MRR from 0.29 to 0.39 over
+log P("yes") alone; both are below the retriever's own order with SmolLM2-135M, see docs/rag.md).
+Candidates are scored in left-padded batches, one forward each.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from lmforge.rag.store import Hit
 PROMPT = ("Document:\n{doc}\n\nQuestion: {query}\n\n"
           "Is the document relevant to the question? Answer with yes or no.")
 YES = ("yes", "Yes", " yes", " Yes", "YES")
+NO = ("no", "No", " no", " No", "NO")
 
 
 class Reranker(Protocol):
@@ -30,8 +34,8 @@ class Reranker(Protocol):
 class RerankConfig:
     """Batch size and how much of each chunk the reranker reads (tokens)."""
 
-    batch_size: int = 8
-    max_doc_tokens: int = 160
+    batch_size: int = 10
+    max_doc_tokens: int = 96
     max_query_tokens: int = 64
 
 
@@ -41,8 +45,8 @@ class LMReranker:
     def __init__(self, model, tokenizer, config: RerankConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = config or RerankConfig()
-        ids = {tokenizer.encode(word, add_special_tokens=False)[0] for word in YES}
-        self.yes_ids = torch.tensor(sorted(ids))
+        self.yes_ids, self.no_ids = (torch.tensor(sorted({tokenizer.encode(w, add_special_tokens=False)[0] for w in words}))
+                                     for words in (YES, NO))
 
     def _clip(self, text: str, limit: int) -> str:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -57,7 +61,7 @@ class LMReranker:
 
     @torch.inference_mode()
     def scores(self, query: str, docs: list[str]) -> list[float]:
-        """log P(yes) for each document, in order."""
+        """log P(yes) - log P(no) for each document, in order."""
         from lmforge.generation.generate import left_pad
         from lmforge.model.masks import positions_from_padding
 
@@ -68,11 +72,11 @@ class LMReranker:
             ids, valid = left_pad(prompts, pad)  # (B, T) each
             logits = self.model(ids, positions=positions_from_padding(valid), valid=valid, last_only=True)[:, -1]
             logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
-            out += torch.logsumexp(logp[:, self.yes_ids], dim=-1).tolist()
+            out += (torch.logsumexp(logp[:, self.yes_ids], -1) - torch.logsumexp(logp[:, self.no_ids], -1)).tolist()
         return out
 
     def rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
-        """Hits sorted by log P(yes), best first; ties keep the retriever's order."""
+        """Hits sorted by the yes/no log-odds, best first; ties keep the retriever's order."""
         if not hits:
             return []
         scores = self.scores(query, [h.chunk.text for h in hits])
