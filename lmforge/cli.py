@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "rag-ask": "lmforge.rag.commands:ask_command",  # also `lmforge rag ask`
     "agent": "lmforge.agents.commands:agent_command",
     "guard": "lmforge.safety.commands:guard_command",
+    "finetune": "lmforge.training.finetune:finetune",
+    "data": "lmforge.training.finetune:data",
 }
 
 

@@ -52,13 +52,37 @@ def info(model: str = DEFAULT) -> int:
     return 0
 
 
-def _load(model: str):
+def _load(model: str, device: str = "auto", dtype: str = "auto"):
+    """Model and tokenizer on the chosen device: CUDA when present (bf16), else the CPU (fp32).
+
+    On CPUs without bf16 matrix units, bf16 matmul is ~100x slower than fp32, hence fp32 there.
+    """
+    import torch
+
     from lmforge.checkpoint.load import load
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
     start = time.perf_counter()
-    loaded = load(hub.resolve(model, pull_missing=model in hub.REGISTRY))
-    print(f"[loaded {model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    loaded = load(hub.resolve(model, pull_missing=model in hub.REGISTRY), device=device,
+                  dtype=getattr(torch, dtype))
+    print(f"[loaded {model} on {device} ({dtype}) in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return loaded
+
+
+def _with_adapter(net, adapter: str | None):
+    """The model with a fine-tuned adapter (LoRA/DoRA/QLoRA, PEFT layout) applied in place, in eval mode."""
+    if not adapter:
+        return net
+    from lmforge.training.adapters import load_adapter
+
+    return load_adapter(net, adapter).eval()
 
 
 def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
@@ -72,7 +96,9 @@ def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p
 
 def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperature: float = 0.7, top_k: int = 0,
              top_p: float = 0.9, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-             stop: list[str] | None = None, num_beams: int = 1, chat: bool = True) -> int:
+             stop: list[str] | None = None, num_beams: int = 1, chat: bool = True, device: str = "auto",
+             dtype: str = "auto",
+             adapter: str | None = None) -> int:
     """Answer one prompt and stream the text as it is generated.
 
     Args:
@@ -88,6 +114,9 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
         stop: strings that end the output.
         num_beams: beam search width (needs --temperature 0).
         chat: format the prompt with the checkpoint's chat template.
+        device: cpu, cuda, cuda:N or auto (CUDA when present).
+        dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU).
+        adapter: a LoRA/DoRA/QLoRA adapter folder (PEFT layout, e.g. runs/lora/adapter) applied to the model.
     """
     from lmforge.generation.beam import beam_generate
     from lmforge.generation.generate import stream
@@ -95,7 +124,8 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
     if num_beams > 1:
         temperature = 0.0
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
-    net, tok = _load(model)
+    net, tok = _load(model, device, dtype)
+    net = _with_adapter(net, adapter)
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]), add_special_tokens=False) \
         if chat else tok.encode(prompt)
     start, pieces = time.perf_counter(), 0
@@ -111,7 +141,8 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
 
 
 def chat(model: str = DEFAULT, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
-         top_p: float = 0.9, seed: int | None = None) -> int:
+         top_p: float = 0.9, seed: int | None = None, device: str = "auto", dtype: str = "auto",
+         adapter: str | None = None) -> int:
     """Talk with a model; replies stream and the conversation is kept. Type /reset or /exit.
 
     Args:
@@ -121,10 +152,14 @@ def chat(model: str = DEFAULT, system: str | None = None, max_tokens: int = 256,
         temperature: 0 for greedy decoding.
         top_p: nucleus sampling mass.
         seed: random seed for reproducible replies.
+        device: cpu, cuda, cuda:N or auto (CUDA when present).
+        dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU).
+        adapter: a LoRA/DoRA/QLoRA adapter folder (PEFT layout, e.g. runs/lora/adapter) applied to the model.
     """
     from lmforge.generation.generate import stream
 
-    net, tok = _load(model)
+    net, tok = _load(model, device, dtype)
+    net = _with_adapter(net, adapter)
     params = _params(max_tokens, temperature, 0, top_p, 0.0, 1.0, seed, [])
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     while True:
@@ -175,7 +210,7 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
           served_name: str | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
           kv_cache_mib: int = 512, block_size: int = 16, prefix_caching: bool = True, max_concurrent: int = 128,
           max_body_bytes: int = 1 << 20, max_tokens: int = 4096, max_n: int = 8, semantic_cache: bool = False,
-          semantic_threshold: float = 0.95) -> int:
+          semantic_threshold: float = 0.95, device: str = "auto", dtype: str = "auto") -> int:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
 
     Args:
@@ -195,6 +230,8 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
         max_n: largest n (choices per prompt).
         semantic_cache: answer near-identical greedy prompts from a cache (all-MiniLM-L6-v2 embeddings).
         semantic_threshold: cosine similarity needed for a semantic-cache hit.
+        device: cpu, cuda, cuda:N or auto (CUDA when present).
+        dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU).
     """
     import os
 
@@ -204,7 +241,7 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
     from lmforge.serving.limits import Limits
     from lmforge.serving.server import ServerSettings, create_app
 
-    net, tok = _load(model)
+    net, tok = _load(model, device, dtype)
     engine = Engine(net, tok, EngineConfig(block_size=block_size, kv_cache_mib=kv_cache_mib, max_num_seqs=max_num_seqs,
                                            max_num_batched_tokens=max_num_batched_tokens,
                                            prefix_caching=prefix_caching))
@@ -238,7 +275,7 @@ def export(model: str, *, out: str, format: Literal["hf"] = "hf") -> int:
 
     from lmforge.checkpoint.hf import save_hf
 
-    net, tok = _load(model)
+    net, tok = _load(model, device="cpu", dtype="float32")
     path = save_hf(net, out)
     tok.save_hf(path, model_max_length=net.config.block_size)
     stops = sorted(tok.stop_ids)

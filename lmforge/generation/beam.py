@@ -43,14 +43,15 @@ def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[i
     if max_new < 1 or not prompt:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the {model.config.block_size}-token "
                          "context; shorten it")
-    cache = KVCache(model.config, k, len(prompt) + max_new, dtype=next(model.parameters()).dtype)
-    ids = torch.tensor([prompt] * k)
+    weight = next(model.parameters())
+    cache = KVCache(model.config, k, len(prompt) + max_new, dtype=weight.dtype, device=weight.device)
+    ids = torch.tensor([prompt] * k, device=weight.device)
     logits, pos = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)
-    running_scores = torch.full((k,), NEG)
+    running_scores = torch.full((k,), NEG, device=weight.device)
     running_scores[0] = 0.0  # all beams start identical: only one may expand at first
     running: list[list[int]] = [[] for _ in range(k)]
     finished: list[Hypothesis] = []
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=weight.device)
     keep = max(2, 1 + len(eos_ids)) * k  # enough candidates that k survive even if many hit EOS
     improvable = True
     for step in range(max_new):

@@ -43,7 +43,7 @@ def prefill(model, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> tu
     padded = not bool(valid.all())
     positions = positions_from_padding(valid) if padded else None
     logits = model(ids, cache=cache, positions=positions, valid=valid if padded else None, last_only=True)
-    next_pos = (positions[:, -1:] + 1) if padded else torch.full((ids.shape[0], 1), ids.shape[1])
+    next_pos = (positions[:, -1:] + 1) if padded else torch.full((ids.shape[0], 1), ids.shape[1], device=ids.device)
     return logits[:, -1], next_pos
 
 
@@ -74,7 +74,7 @@ class TokenStream:
         device = next(model.parameters()).device
         self.cache = KVCache(config, len(prompts), longest + self.max_new, dtype=dtype, device=device)
         ids, valid = left_pad(prompts, pad_id)
-        self.history = ids.masked_fill(~valid, -1) if params.repetition_penalty != 1.0 else None
+        self.history = ids.masked_fill(~valid, -1).to(device) if params.repetition_penalty != 1.0 else None
         self.logits, self.pos = prefill(model, ids.to(device), valid.to(device), self.cache)
         self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         self.done = [False] * len(prompts)
@@ -102,7 +102,7 @@ class TokenStream:
             if all(self.done) or self.steps >= self.max_new:
                 return
             if self.history is not None:
-                self.history = torch.cat([self.history, tokens[:, None].cpu()], dim=1)
+                self.history = torch.cat([self.history, tokens[:, None]], dim=1)
             self.logits = decode_one_token(self.model, tokens, self.pos, self.cache)
             self.pos = self.pos + 1
 

@@ -126,7 +126,8 @@ class Transformer(nn.Module):
         if self.config.position != "rope":
             return None
         cos, sin = self.rope_tables(kind, int(positions.max()) + 1, positions.device)
-        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        dtype = self.lm_head.weight.dtype  # tables are built in fp32, applied in the model's dtype (as HF does)
+        return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (B, T, n_embd)

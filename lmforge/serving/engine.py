@@ -51,10 +51,10 @@ class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.config = config = config or EngineConfig()
-        dtype = next(model.parameters()).dtype
-        per_block = PagedKVCache.bytes_per_block(model.config, config.block_size, dtype)
+        weight = next(model.parameters())
+        per_block = PagedKVCache.bytes_per_block(model.config, config.block_size, weight.dtype)
         num_blocks = config.num_blocks or max(1, config.kv_cache_mib * 2**20 // per_block)
-        self.cache = PagedKVCache(model.config, num_blocks, config.block_size, dtype)
+        self.cache = PagedKVCache(model.config, num_blocks, config.block_size, weight.dtype, weight.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         self.runner = ModelRunner(model, self.cache)

@@ -80,6 +80,7 @@ class ModelRunner:
 
     def __init__(self, model, cache: PagedKVCache) -> None:
         self.model, self.cache, self.bs = model, cache, cache.block_size
+        self.device = next(model.parameters()).device
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.bs, seq.block_table
@@ -106,7 +107,10 @@ class ModelRunner:
         for row, keys in enumerate(decode_keys):
             slots[row, :len(keys)], valid[row, :len(keys)] = keys, True
         mask = None if bool(valid.all()) else valid[:, None, None, :]
-        return KindPlan(torch.tensor(decode_rows, dtype=torch.long), slots, mask, prefills)
+        dev = self.device
+        prefills = [(a, b, keys.to(dev), None if m is None else m.to(dev), c) for a, b, keys, m, c in prefills]
+        return KindPlan(torch.tensor(decode_rows, dtype=torch.long, device=dev), slots.to(dev),
+                        None if mask is None else mask.to(dev), prefills)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:
@@ -120,12 +124,13 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_at.append(len(ids) - 1)
                 sampling.append(seq)
-        input_ids, pos = torch.tensor([ids]), torch.tensor([positions])
-        slot_mapping = torch.tensor(slots, dtype=torch.long)
+        input_ids = torch.tensor([ids], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
         contexts = {}
         for kind in set(self.model.config.layer_types):
             plan = self._plan(batch, self.model.window(kind))
             contexts[kind] = PagedAttention(self.cache, slot_mapping, plan, self.model.rope_at(kind, pos))
         logits = self.model(input_ids, positions=pos, contexts=contexts,
-                            output_index=torch.tensor(sample_at, dtype=torch.long))
-        return logits[0], sampling
+                            output_index=torch.tensor(sample_at, dtype=torch.long, device=self.device))
+        return logits[0].float().cpu(), sampling  # sampling runs on the CPU, per request

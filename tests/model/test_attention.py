@@ -82,3 +82,14 @@ def test_position_past_context_is_a_clear_error():
     model = build_model(Config.from_name("tiny-gpt2")).eval()
     with pytest.raises(ValueError, match="past the context length 256"):
         model(torch.zeros(1, 300, dtype=torch.long))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma3"])
+def test_bf16_model_runs_with_cache(preset):
+    from lmforge.generation.generate import generate_ids
+    from lmforge.generation.sampling import SamplingParams
+
+    model = build_model(Config.from_name(preset)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (1, 12))).dtype == torch.bfloat16
+    assert len(generate_ids(model, [[1, 2, 3]], SamplingParams(max_new_tokens=6, temperature=0))[0]) == 6
