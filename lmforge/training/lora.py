@@ -59,9 +59,9 @@ class LoRALinear(nn.Module):
         self._init_base(base, config)
         self.scaling, self.dora, self.merged = config.scaling, config.dora, False
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        device = base.weight.device
-        self.lora_A = nn.Linear(self.in_features, config.rank, bias=False, device=device)
-        self.lora_B = nn.Linear(config.rank, self.out_features, bias=False, device=device)
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)  # a bf16 base gets bf16 adapters
+        self.lora_A = nn.Linear(self.in_features, config.rank, **kw)
+        self.lora_B = nn.Linear(config.rank, self.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
         nn.init.zeros_(self.lora_B.weight)
         if self.dora:
@@ -93,7 +93,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         h = self.lora_dropout(x)
-        lora = self.lora_B(self.lora_A(h)) * self.scaling
+        lora = self.lora_B(self.lora_A(h) * self.scaling)  # scale the (.., r) tensor, not the (.., out) one
         base = self.base_linear(x)
         if self.dora:
             scale = self.dora_scale()
@@ -186,11 +186,63 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         return cls(linear, config)
 
     replace_linear(model, make)
+    if config.quantize == "nf4":
+        compact_embeddings(model)
     if not found:
         raise ValueError(f"no linear layer matches target_modules={config.target_modules}; "
                          f"the model's linears are named like {ALL_LINEARS}")
     model.lora_config = config
     return model
+
+
+class _UpcastMatmul(torch.autograd.Function):
+    """y = x W^T with a low-precision frozen W upcast in forward and again in backward (none kept)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        return x @ weight.to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.weight.to(grad.dtype), None
+
+
+class FrozenEmbedding(nn.Module):
+    """A frozen token embedding stored in bf16 (buffer `weight`, same key), read as float."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float()
+
+
+class FrozenLMHead(nn.Module):
+    """The tied output projection over a FrozenEmbedding's bf16 table."""
+
+    def __init__(self, embedding: FrozenEmbedding) -> None:
+        super().__init__()
+        self.table = [embedding]  # a list, so the tied tensor is not registered twice
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _UpcastMatmul.apply(x, self.weight)
+
+
+def compact_embeddings(model: nn.Module) -> None:
+    """QLoRA: keep the frozen tied embedding/lm_head in bf16, as the paper keeps non-quantized
+    parts in bf16 (NF4 for embeddings would cost accuracy; fp32 would be 4x the NF4 body)."""
+    backbone = getattr(model, "model", None)
+    if backbone is None or not getattr(getattr(model, "config", None), "tie_embeddings", False):
+        return
+    embedding = FrozenEmbedding(backbone.embed_tokens.weight)
+    backbone.embed_tokens = embedding
+    model.lm_head = FrozenLMHead(embedding)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -227,6 +279,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 unwrap(child)
 
     unwrap(model)
+    if isinstance(getattr(getattr(model, "model", None), "embed_tokens", None), FrozenEmbedding):
+        table = model.model.embed_tokens.weight.float()
+        model.model.embed_tokens = nn.Embedding.from_pretrained(table, freeze=True)
+        model.lm_head = nn.Linear(table.shape[1], table.shape[0], bias=False)
+        model.lm_head.weight = model.model.embed_tokens.weight
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

@@ -114,3 +114,29 @@ def test_bad_config_is_a_clear_error() -> None:
         LoRAConfig(rank=0)
     with pytest.raises(ValueError, match="target_modules"):
         apply_lora(_tiny(), LoRAConfig(target_modules=["nope"]))
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_qlora_model_weights_shrink_and_logits_stay_close() -> None:
+    model, qmodel = _tiny(), _tiny()
+    qmodel.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        expected = model(ids)
+    before = _weight_bytes(model)
+    apply_lora(qmodel, LoRAConfig(rank=4, quantize="nf4"))
+    adapters = sum(p.numel() * 4 for p in adapter_state(qmodel).values())
+    assert (_weight_bytes(qmodel) - adapters) / before < 0.3  # NF4 body + bf16 tied embedding
+    with torch.no_grad():
+        got = qmodel(ids)
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+    qmodel.train()
+    loss = qmodel(ids).logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in adapter_state(qmodel).values())
+    merge_and_unload(qmodel)
+    assert isinstance(qmodel.model.embed_tokens, nn.Embedding) and qmodel.lm_head.weight.dtype == torch.float32
