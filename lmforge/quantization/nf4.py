@@ -117,10 +117,22 @@ def quantize_nf4(w: torch.Tensor, block_size: int = BLOCK_SIZE, double_quant: bo
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float tensor an NF4Weight stands for (computed on the fly, never stored)."""
     n = _numel(q.shape)
-    idx = torch.stack([q.codes >> 4, q.codes & 0x0F], dim=1).reshape(-1).long()
     absmax = dequantize_absmax(q.absmax_codes, q.absmax_scale, q.absmax_mean, q.n_blocks)
-    values = codebook(q.codes.device)[idx].view(-1, q.block_size) * absmax[:, None]
-    return values.reshape(-1)[:n].view(q.shape).to(dtype)
+    values = torch.index_select(_pair_table(q.codes.device), 0, q.codes.int())  # (numel/2, 2): one lookup per byte
+    values = values.view(-1, q.block_size) * absmax[:, None]
+    return values.view(-1)[:n].view(q.shape).to(dtype)
+
+
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """(256, 2): byte -> its (high, low) NF4 levels, so dequantization is one gather per byte."""
+    device = torch.device(device)
+    if device not in _PAIR_TABLES:
+        levels = codebook(device)
+        _PAIR_TABLES[device] = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)
+    return _PAIR_TABLES[device]
 
 
 class _NF4Matmul(torch.autograd.Function):

@@ -109,5 +109,7 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, names: list[str], tensors
         raise ValueError(f"optimizer state has parameters the model lacks: {sorted(unknown)[:3]}")
     for name, p in zip(names, params):
         if name in by_param:
-            opt.state[p] = {k: v.clone() for k, v in by_param[name].items()}
+            # moments go back to the parameter's device; torch keeps `step` on the CPU
+            opt.state[p] = {k: v.clone() if k == "step" else v.to(p.device, copy=True)
+                            for k, v in by_param[name].items()}
 

@@ -139,7 +139,7 @@ def train(model: nn.Module, objective: Objective, data: Batches, cfg: TrainConfi
         raise ValueError("the model has no trainable parameters; apply an adapter or unfreeze it")
     names = list(params)
     opt = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
-    start, best = _resume(ckpt_root, params, names, opt, data)
+    start = _resume(ckpt_root, params, names, opt, data)
     metrics = MetricsLog(out_dir / "metrics.jsonl", start)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     bar = _progress(cfg, start)
@@ -164,7 +164,7 @@ def train(model: nn.Module, objective: Objective, data: Batches, cfg: TrainConfi
         metrics.close()
         if bar is not None:
             bar.close()
-    return _finish(out_dir, ckpt_root, cfg, eval_loss, best)
+    return _finish(out_dir, ckpt_root, cfg, eval_loss)
 
 
 def _train_step(model, objective, data: Batches, opt, params, cfg: TrainConfig, step: int, device, amp) -> dict:
@@ -191,11 +191,11 @@ def _train_step(model, objective, data: Batches, opt, params, cfg: TrainConfig, 
             "loss_tokens": loss_tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
 
 
-def _resume(root: Path, params, names, opt, data: Batches) -> tuple[int, float | None]:
-    """Restore the last checkpoint if there is one; return (start step, best eval loss)."""
+def _resume(root: Path, params, names, opt, data: Batches) -> int:
+    """Restore the last checkpoint if there is one; return the step to start from."""
     ckpt = latest_checkpoint(root)
     if ckpt is None:
-        return 0, None
+        return 0
     missing = set(params) - set(ckpt.trainable)
     if missing:
         raise ValueError(f"{ckpt.path}: checkpoint lacks {sorted(missing)[:3]}; it is from another model/adapter")
@@ -207,7 +207,7 @@ def _resume(root: Path, params, names, opt, data: Batches) -> tuple[int, float |
     restore_rng(ckpt.optimizer)
     random.setstate(_py_rng_from(ckpt.state["python_rng"]))
     data.load_state(ckpt.state["data"])
-    return int(ckpt.state["step"]), read_index(root).get("best_loss")
+    return int(ckpt.state["step"])
 
 
 def _py_rng_state() -> list:
@@ -227,7 +227,7 @@ def _progress(cfg: TrainConfig, start: int):
     return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _finish(out_dir: Path, ckpt_root: Path, cfg: TrainConfig, eval_loss: float | None, best: float | None) -> dict:
+def _finish(out_dir: Path, ckpt_root: Path, cfg: TrainConfig, eval_loss: float | None) -> dict:
     """Summary, the averaged tensors (if asked) and the loss-curve PNG."""
     index = read_index(ckpt_root)
     summary = {"out_dir": str(out_dir), "last": str(ckpt_root / index["last"]) if index.get("last") else None,

@@ -54,3 +54,16 @@ def test_nf4_linear_gradient_wrt_input_uses_dequantized_weight() -> None:
     x = torch.randn(3, 64, requires_grad=True)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(3, 64))
+
+
+def test_equals_bitsandbytes_nf4_when_installed() -> None:
+    """Same codes and values as bitsandbytes' NF4 (block 64); with double quantization the same error."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(256, 512) * 0.02
+    q, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    torch.testing.assert_close(dequantize_nf4(quantize_nf4(w, double_quant=False)), functional.dequantize_4bit(q, state),
+                               atol=0, rtol=0)
+    q, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    theirs = (functional.dequantize_4bit(q, state) - w).norm() / w.norm()
+    ours = (dequantize_nf4(quantize_nf4(w)) - w).norm() / w.norm()
+    assert abs(float(ours - theirs)) < 0.002

@@ -13,7 +13,6 @@ from lmforge import cli
 from lmforge.checkpoint.hf import save_hf
 from lmforge.config import Config
 from lmforge.model.transformer import build_model
-from lmforge.training.finetune import run
 from lmforge.training.recipe import load_recipe
 
 from .conftest import VOCAB, byte_tokenizer
@@ -78,8 +77,8 @@ def test_smollm2_on_the_python_faq_learns_the_format(smollm2_gguf, tmp_path) -> 
     held.write_text("".join(held.read_text().splitlines(keepends=True)[:4]))  # 4 held-out pairs keep it quick
     recipe = load_recipe("lora", ["train.max_steps=10", "train.micro_batch=2", "train.grad_accum=1",
                                   "train.lr=3e-3", "train.warmup_steps=1", "train.eval_every=10",
-                                  "train.save_every=10", "lora.dropout=0.0", "train.progress=false", "data.template=alpaca",
-                                  "data.max_length=128", "train.gradient_checkpointing=false", "device=cpu"])
+                                  "train.save_every=10", "lora.dropout=0.0", "train.progress=false",
+                                  "data.template=alpaca", "data.max_length=128", "train.gradient_checkpointing=false", "device=cpu"])
     recipe.model, recipe.out_dir = str(smollm2_gguf), str(tmp_path / "run")
     recipe.data.train, recipe.data.eval = str(tmp_path / "faq" / "train.jsonl"), str(held)
     model, tokenizer, data, evals = setup(recipe)

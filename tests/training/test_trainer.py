@@ -154,3 +154,18 @@ def test_sigkill_at_random_steps_then_resume_gives_the_same_curve(tmp_path) -> N
     final = _run(out, steps, 0.0)
     assert final.wait(timeout=120) == 0, final.stderr.read().decode()[-2000:]
     assert _curve(out) == _curve(tmp_path / "ref" / "run")
+
+
+def test_fused_linear_cross_entropy_equals_torch(monkeypatch) -> None:
+    from lmforge.training import objectives
+
+    monkeypatch.setattr(objectives, "LOGIT_CHUNK", 7)  # several chunks, one ragged
+    h = torch.randn(20, 16, requires_grad=True)
+    W, t = torch.randn(50, 16), torch.randint(0, 50, (20,))
+    fused = objectives._FusedLinearCrossEntropy.apply(h, W, t) * 0.5
+    fused.backward()
+    grad, h.grad = h.grad.clone(), None
+    reference = torch.nn.functional.cross_entropy(h @ W.T, t, reduction="sum") * 0.5
+    reference.backward()
+    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(grad, h.grad)
