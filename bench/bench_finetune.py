@@ -29,9 +29,15 @@ RUNS = {  # name -> (engine, options)
     "lmforge LoRA": ("lmforge", {"quantize": "none", "packing": True, "ckpt": False}),
     "lmforge LoRA, grad. ckpt": ("lmforge", {"quantize": "none", "packing": True, "ckpt": True}),
     "lmforge LoRA, no packing": ("lmforge", {"quantize": "none", "packing": False, "ckpt": False}),
+    "lmforge LoRA, bf16 autocast, grad. ckpt": ("lmforge", {"quantize": "none", "packing": True, "ckpt": True,
+                                                           "bf16": True}),
     "lmforge QLoRA": ("lmforge", {"quantize": "nf4", "packing": True, "ckpt": False}),
+    "lmforge QLoRA, bf16 autocast, grad. ckpt": ("lmforge", {"quantize": "nf4", "packing": True, "ckpt": True,
+                                                            "bf16": True}),
     "lmforge QLoRA, grad. ckpt": ("lmforge", {"quantize": "nf4", "packing": True, "ckpt": True}),
+    "lmforge LoRA, bf16 autocast": ("lmforge", {"quantize": "none", "packing": True, "ckpt": False, "bf16": True}),
     "transformers+PEFT LoRA": ("hf", {"quantize": "none", "ckpt": False}),
+    "transformers+PEFT LoRA, bf16 autocast": ("hf", {"quantize": "none", "ckpt": False, "bf16": True}),
     "transformers+PEFT LoRA, grad. ckpt": ("hf", {"quantize": "none", "ckpt": True}),
     "transformers+PEFT QLoRA (bitsandbytes)": ("hf", {"quantize": "nf4", "ckpt": False}),
 }
@@ -83,7 +89,8 @@ def worker_lmforge(model_path: Path, steps: int, opts: dict) -> dict:
     opt = build_optimizer(params, "adamw", LR, 0.0)
     cfg = TrainConfig(max_steps=steps + 1, micro_batch=BATCH, lr=LR, warmup_steps=0, progress=False)
     model.train()
-    rows_out = [_train_step(model, sft_loss, data, opt, params, cfg, s, torch.device("cpu"), None)
+    amp = torch.bfloat16 if opts.get("bf16") else None
+    rows_out = [_train_step(model, sft_loss, data, opt, params, cfg, s, torch.device("cpu"), amp)
                 for s in range(steps + 1)]
     timed = rows_out[1:]
     return {"tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed),
@@ -128,6 +135,7 @@ def worker_hf(model_path: Path, steps: int, opts: dict) -> dict:
     args = TrainingArguments(output_dir="/tmp/bench_hf_ft", per_device_train_batch_size=BATCH, max_steps=steps + 1,
                              learning_rate=LR, lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
                              report_to=[], use_cpu=True, gradient_checkpointing=opts["ckpt"], seed=0,
+                             bf16=bool(opts.get("bf16")),
                              dataloader_num_workers=0, remove_unused_columns=False)
     original = collate
 

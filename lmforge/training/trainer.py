@@ -61,9 +61,22 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r} must be auto, fp32 or bf16")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on a GPU; fp32 on CPU, where bf16 matmuls are ~100x slower (docs/finetune.md)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast on a GPU and on CPUs with bf16 instructions; fp32 on other CPUs, where torch's
+    bf16 matmul has no fast kernel and is far slower than fp32 (docs/finetune.md)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())):
         return torch.bfloat16
     return None
 
