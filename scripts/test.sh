@@ -7,4 +7,6 @@ bash scripts/setup.sh test
 bash scripts/setup_data_deps.sh
 .venv/bin/lmforge pull smollm2-135m-instruct
 .venv/bin/lmforge pull gemma3-270m
+.venv/bin/python -c "from lmforge.data import sotu; sotu.install()" \
+  || echo "warning: State of the Union corpus not installed; the tests that need it skip" >&2
 exec .venv/bin/python -m pytest -q "$@"
