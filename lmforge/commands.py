@@ -261,21 +261,30 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
     return 0
 
 
-def export(model: str, *, out: str, format: Literal["hf"] = "hf") -> int:
-    """Write a model as a Hugging Face directory (safetensors, config, tokenizer, chat template).
+def export(model: str, *, out: str, format: Literal["hf", "gguf"] = "hf",
+           gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = "q8_0") -> int:
+    """Write a model as a Hugging Face directory or as one GGUF file, with its tokenizer and chat template.
 
-    vLLM, transformers and llama.cpp's converter load this layout directly.
+    vLLM, transformers and llama.cpp's converter load the hf layout directly; llama.cpp (and
+    llama-cpp-python, Ollama, LM Studio) load the gguf file.
 
     Args:
         model: a model name, a .gguf file or a Hugging Face directory.
-        out: the directory to write.
-        format: hf (GGUF export is not built yet).
+        out: the directory (hf) or .gguf file (gguf) to write.
+        format: hf (safetensors directory) or gguf (one llama.cpp file).
+        gguf_type: tensor type of the GGUF matrices: f32, f16, q8_0 or q4_0 (norms stay f32).
     """
     import json
 
     from lmforge.checkpoint.hf import save_hf
 
     net, tok = _load(model, device="cpu", dtype="float32")
+    if format == "gguf":
+        from lmforge.checkpoint.gguf_export import save_gguf
+
+        path = save_gguf(net, hub.resolve(model), out, gguf_type)  # the tokenizer comes from the source itself
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB, {gguf_type})")
+        return 0
     path = save_hf(net, out)
     tok.save_hf(path, model_max_length=net.config.block_size)
     stops = sorted(tok.stop_ids)
