@@ -126,7 +126,9 @@ class Transformer(nn.Module):
         if self.config.position != "rope":
             return None
         cos, sin = self.rope_tables(kind, int(positions.max()) + 1, positions.device)
-        dtype = self.lm_head.weight.dtype  # tables are built in fp32, applied in the model's dtype (as HF does)
+        # tables are built in fp32, applied in the model's dtype (as HF does); the final norm holds that dtype
+        # (a quantized lm_head's `weight` would dequantize the whole matrix, a QLoRA one is bf16)
+        dtype = self.model.norm.weight.dtype
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
