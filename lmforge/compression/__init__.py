@@ -1,0 +1,1 @@
+"""Compression: magnitude pruning (prune), structured head/neuron pruning (structured), model merging (merge)."""
