@@ -32,6 +32,9 @@ COMMANDS: dict[str, str] = {
     "rag-ask": "lmforge.rag.commands:ask_command",  # also `lmforge rag ask`
     "agent": "lmforge.agents.commands:agent_command",
     "guard": "lmforge.safety.commands:guard_command",
+    "quantize": "lmforge.compression.commands:quantize",
+    "prune": "lmforge.compression.commands:prune",
+    "merge": "lmforge.compression.commands:merge",
     "finetune": "lmforge.training.finetune:finetune",
     "data": "lmforge.training.finetune:data",
 }

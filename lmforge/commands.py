@@ -274,9 +274,7 @@ def export(model: str, *, out: str, format: Literal["hf", "gguf"] = "hf",
         format: hf (safetensors directory) or gguf (one llama.cpp file).
         gguf_type: tensor type of the GGUF matrices: f32, f16, q8_0 or q4_0 (norms stay f32).
     """
-    import json
-
-    from lmforge.checkpoint.hf import save_hf
+    from lmforge.checkpoint.hf import save_pretrained
 
     net, tok = _load(model, device="cpu", dtype="float32")
     if format == "gguf":
@@ -285,11 +283,6 @@ def export(model: str, *, out: str, format: Literal["hf", "gguf"] = "hf",
         path = save_gguf(net, hub.resolve(model), out, gguf_type)  # the tokenizer comes from the source itself
         print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB, {gguf_type})")
         return 0
-    path = save_hf(net, out)
-    tok.save_hf(path, model_max_length=net.config.block_size)
-    stops = sorted(tok.stop_ids)
-    generation = {"bos_token_id": tok.bos_id, "eos_token_id": stops if len(stops) > 1 else tok.eos_id,
-                  "pad_token_id": tok.pad_id}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    path = save_pretrained(net, tok, out)
     print(f"wrote {path} ({sum(f.stat().st_size for f in path.iterdir()) / 2**20:.0f} MiB)")
     return 0

@@ -182,6 +182,18 @@ def save_hf(model, path: str | Path) -> Path:
     return path
 
 
+def save_pretrained(model, tokenizer, path: str | Path) -> Path:
+    """A complete Hugging Face directory: weights and config (save_hf), tokenizer with chat template,
+    generation config; what transformers and vLLM load as is."""
+    path = save_hf(model, path)
+    tokenizer.save_hf(path, model_max_length=model.config.block_size)
+    stops = sorted(tokenizer.stop_ids)
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops if len(stops) > 1 else tokenizer.eos_id,
+                  "pad_token_id": tokenizer.pad_id}
+    _atomic(path / "generation_config.json", lambda tmp: Path(tmp).write_text(json.dumps(generation, indent=2)))
+    return path
+
+
 def hf_config(config: Config) -> dict[str, Any]:
     gemma = config.sandwich_norm
     cfg: dict[str, Any] = dict(

@@ -49,6 +49,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
 
 def _load_model(path: Path, dtype: torch.dtype, device: str | torch.device, attn_impl: str | None) -> Transformer:
+    if (path / "quantization.json").is_file():  # written by `lmforge quantize`: kept quantized, computed as such
+        from lmforge.quantization.quantize import load_quantized
+
+        if dtype != torch.float32:
+            raise CheckpointError(f"{path}: a quantized model computes in its own kernels' types; load it "
+                                  f"without a dtype (got {dtype})")
+        return load_quantized(path, device=str(device), attn_impl=attn_impl)
     if path.is_dir():
         from lmforge.checkpoint.hf import config_from_hf, read_hf_state
 

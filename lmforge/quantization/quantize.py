@@ -286,10 +286,12 @@ def _read_weights(path: Path, device: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path / WEIGHTS_FILE} is corrupt or truncated: {err}; re-save the model") from err
 
 
-def load_quantized(path: str | Path, device: str = "cpu") -> Transformer:
+def load_quantized(path: str | Path, device: str = "cpu", attn_impl: str | None = None) -> Transformer:
     """The quantized Transformer saved at `path` (no recalibration), in eval mode."""
     path = Path(path)
     meta = _read_meta(path)
+    if attn_impl:
+        meta["model_config"].attn_impl = attn_impl
     kinds = {rec.get("kind") for rec in meta["modules"].values() if isinstance(rec, dict)}
     if torch.device(device).type != "cpu" and kinds & {"int4", "int8-dynamic", "int8-static"}:
         raise ValueError(f"device={device!r}: int4/int8 modules have kernels only on the CPU; load with "
