@@ -230,3 +230,36 @@ class Int8StaticLinear(_Int8Linear):
         packed = self.packed()
         scale, zero_point = self._input_qparams
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2d, scale, zero_point, packed)
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding stored as int8 rows with one fp32 scale per row (symmetric), read as fp32.
+
+    Once a quantized lm_head is untied from the embedding, the float table (SmolLM2: 113 MB of its
+    135M-parameter model) would dominate the checkpoint; a lookup dequantizes only the rows it reads.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, device=device))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Int8Embedding":
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, device=embedding.weight.device)
+        q, scale = quantize_per_channel(embedding.weight)
+        module.qweight.copy_(q)
+        module.weight_scale.copy_(scale)
+        return module
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized fp32 table (for inspection and export; forward reads only the looked-up rows)."""
+        return dequantize_int8(self.qweight, self.weight_scale)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return nn.functional.embedding(ids, self.qweight).float() * self.weight_scale[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"

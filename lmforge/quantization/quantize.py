@@ -24,7 +24,8 @@ from lmforge.checkpoint.errors import CheckpointError
 from lmforge.config import Config
 from lmforge.model.transformer import Transformer
 from lmforge.quantization.int4 import GROUP_SIZES, Int4Linear, check_group_size
-from lmforge.quantization.int8 import Int8DynamicLinear, Int8StaticLinear, MinMaxObserver, ObserverMethod
+from lmforge.quantization.int8 import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear, MinMaxObserver,
+                                       ObserverMethod)
 from lmforge.quantization.nf4 import BLOCK_SIZE as NF4_BLOCK_SIZE
 from lmforge.quantization.nf4 import NF4Linear
 from lmforge.training.lora import release_freed_memory, replace_linear
@@ -50,6 +51,7 @@ class QuantConfig:
     seq_len: int = 512  # tokens kept per calibration batch
     observer: ObserverMethod = "minmax"  # int8-static activation range: running min/max or percentile
     percentile: float = 99.99  # int8-static with observer="percentile"
+    embedding: Literal["float", "int8"] = "int8"  # the token table once a quantized lm_head is untied from it
 
     def __post_init__(self) -> None:
         if self.method not in Method.__args__:
@@ -63,6 +65,8 @@ class QuantConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.observer not in ObserverMethod.__args__:
             raise ValueError(f"observer={self.observer!r} is not one of {ObserverMethod.__args__}")
+        if self.embedding not in ("float", "int8"):
+            raise ValueError(f"embedding={self.embedding!r} must be 'float' or 'int8'")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile={self.percentile} must be in (50, 100]")
 
@@ -124,11 +128,20 @@ def quantize_model(model: Transformer, config: QuantConfig, calibration: list[to
     if config.method == "gptq":
         from lmforge.quantization.gptq import quantize_gptq
         quantize_gptq(model, calibration, config)
-        return model
-    if config.method == "awq":
+    elif config.method == "awq":
         from lmforge.quantization.awq import quantize_awq
         quantize_awq(model, calibration, config)
-        return model
+    else:
+        _swap_linears(model, config, calibration, progress)
+    if config.embedding == "int8" and not isinstance(model.lm_head, nn.Linear):
+        model.model.embed_tokens = Int8Embedding.from_embedding(model.model.embed_tokens)  # no longer tied
+    release_freed_memory()  # the float weights just replaced
+    return model
+
+
+def _swap_linears(model: Transformer, config: QuantConfig, calibration: list[torch.Tensor] | None,
+                  progress: bool) -> None:
+    """int8 / int4 round-to-nearest / nf4: each target linear replaced by its quantized twin."""
     ordered = target_names(model, config)
     names = set(ordered)
     if config.method == "int4":
@@ -146,8 +159,6 @@ def quantize_model(model: Transformer, config: QuantConfig, calibration: list[to
     with torch.no_grad():
         replace_linear(model, make)
     bar.close()
-    release_freed_memory()  # the float weights just replaced
-    return model
 
 
 def _quantized(linear: nn.Linear, config: QuantConfig, observer: MinMaxObserver | None) -> nn.Module:
@@ -206,13 +217,19 @@ def module_record(module: nn.Module) -> dict[str, Any] | None:
         return {"kind": "int8-dynamic"}
     if isinstance(module, NF4Linear):
         return {"kind": "nf4", "block_size": module.block_size}
+    if isinstance(module, Int8Embedding):
+        return {"kind": "int8-embedding"}
     return None
 
 
-def _empty_module(record: dict[str, Any], linear: nn.Linear) -> nn.Module:
-    """A quantized module of the recorded kind on the meta device, shaped like `linear`."""
-    k, n, bias = linear.in_features, linear.out_features, linear.bias is not None
+def _empty_module(record: dict[str, Any], linear: nn.Module) -> nn.Module:
+    """A quantized module of the recorded kind on the meta device, shaped like `linear` (or the embedding)."""
     kind = record.get("kind")
+    if kind == "int8-embedding":
+        assert isinstance(linear, nn.Embedding), f"an int8-embedding record names a {type(linear).__name__}"
+        return Int8Embedding(linear.num_embeddings, linear.embedding_dim, device="meta")
+    assert isinstance(linear, nn.Linear), f"a {kind} record names a {type(linear).__name__}, not a Linear"
+    k, n, bias = linear.in_features, linear.out_features, linear.bias is not None
     if kind == "int4":
         return Int4Linear(k, n, int(record["group_size"]), bias, device="meta")
     if kind == "int8-dynamic":
@@ -301,7 +318,6 @@ def load_quantized(path: str | Path, device: str = "cpu", attn_impl: str | None 
     for name, record in meta["modules"].items():
         try:
             linear = model.get_submodule(name)
-            assert isinstance(linear, nn.Linear), f"{name} is a {type(linear).__name__}, not a Linear"
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, _empty_module(record, linear))
         except (AttributeError, AssertionError, ValueError, KeyError, TypeError) as err:

@@ -13,7 +13,7 @@ from lmforge.checkpoint.errors import CheckpointError
 from lmforge.config import Config
 from lmforge.model.transformer import build_model
 from lmforge.quantization.int4 import Int4Linear
-from lmforge.quantization.int8 import Int8DynamicLinear, Int8StaticLinear
+from lmforge.quantization.int8 import Int8Embedding, Int8DynamicLinear, Int8StaticLinear
 from lmforge.quantization.nf4 import NF4Linear
 from lmforge.quantization.quantize import (PRESETS, QuantConfig, load_quantized, model_nbytes, quantize_model,
                                            save_quantized)
@@ -60,11 +60,22 @@ def test_quantized_logits_stay_close_to_the_float_model(tiny, quantized, preset)
 
 
 @pytest.mark.parametrize("preset", sorted(CASES))
-def test_tied_embedding_is_untied_and_stays_float(tiny, quantized, preset):
-    model = quantized[preset]
-    emb = model.model.embed_tokens.weight
-    assert emb.dtype == torch.float32 and torch.equal(emb, tiny[0].model.embed_tokens.weight)
+def test_tied_embedding_is_untied_and_stored_as_int8_rows(tiny, quantized, preset):
+    model, original = quantized[preset], tiny[0].model.embed_tokens.weight
+    emb = model.model.embed_tokens
+    assert isinstance(emb, Int8Embedding) and emb.qweight.dtype == torch.int8
+    per_row_step = original.abs().amax(dim=1, keepdim=True) / 127  # symmetric int8 per row
+    assert ((emb.weight - original).abs() <= per_row_step / 2 + 1e-7).all()
+    ids = torch.tensor([[0, 5, 255]])
+    torch.testing.assert_close(emb(ids), emb.weight[ids])
     assert "lm_head.weight" not in model.state_dict()
+
+
+def test_float_embedding_on_request(tiny):
+    model, calibration, _, _ = tiny
+    q = quantize_model(copy.deepcopy(model), QuantConfig("int4", group_size=32, embedding="float"), progress=False)
+    assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert q.model.embed_tokens.weight is not q.lm_head.qweight
 
 
 @pytest.mark.parametrize("preset", sorted(CASES))
@@ -74,7 +85,7 @@ def test_save_then_load_gives_identical_logits(tiny, quantized, preset, tmp_path
     path = save_quantized(model, config, tmp_path / "q")
     meta = json.loads((path / "quantization.json").read_text())
     assert meta["quant_config"] == config.to_dict() and meta["model_config"]["n_embd"] == 64
-    assert len(meta["modules"]) == N_LINEARS
+    assert len(meta["modules"]) == N_LINEARS + 1  # and the int8 embedding
     loaded = load_quantized(path)
     assert type(loaded.lm_head) is type(model.lm_head)
     assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
@@ -92,9 +103,11 @@ def test_model_nbytes_counts_tied_once_and_shrinks(tiny, quantized):
     linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear)
                        and m is not model.lm_head)
     int4 = quantized["int4-g32"]
-    # int4 g32: per weight 4 bits + (fp32 scale + zero) / 32 = 6 bits; the untied lm_head adds 256 x 64 of them
+    # int4 g32: per weight 4 bits + (fp32 scale + zero) / 32 = 6 bits; the untied lm_head adds 256 x 64 of them;
+    # the embedding drops from fp32 to int8 with one fp32 scale per row
     lm_head = 256 * 64 * 6 / 8
-    assert model_nbytes(int4) == expected - linear_bytes + linear_bytes * 6 / 32 + lm_head
+    embedding_saved = 256 * 64 * 4 - (256 * 64 + 256 * 4)
+    assert model_nbytes(int4) == expected - linear_bytes + linear_bytes * 6 / 32 + lm_head - embedding_saved
     assert model_nbytes(quantized["int8-dynamic"]) < expected
 
 
