@@ -52,7 +52,7 @@ def n_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
 
-def _pad_columns(w: Tensor, width: int, mode: str = "replicate") -> Tensor:
+def pad_columns(w: Tensor, width: int, mode: str = "replicate") -> Tensor:
     """w (N, K) -> (N, width): repeating the last column keeps a group's min/max/absmax unchanged."""
     pad = width - w.shape[1]
     if pad == 0:
@@ -64,7 +64,7 @@ def _pad_columns(w: Tensor, width: int, mode: str = "replicate") -> Tensor:
 def dequantize_int4(q: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
     """The fp32 (N, K) matrix of codes q (N, K) in 0..15 with scale/zero (N, ceil(K / group_size))."""
     n, k = q.shape
-    padded = _pad_columns(q.float(), scale.shape[1] * group_size)
+    padded = pad_columns(q.float(), scale.shape[1] * group_size)
     groups = (padded.reshape(n, -1, group_size) - 8) * scale[..., None] + zero[..., None]
     return groups.reshape(n, -1)[:, :k]
 
@@ -73,7 +73,7 @@ def quantize_rtn(w: Tensor, group_size: int = 128, symmetric: bool = False) -> t
     """Round-to-nearest int4 codes of w (N, K): (q uint8 (N, K), scale, zero fp32 (N, ceil(K / group_size)))."""
     n, k = w.shape
     check_group_size(k, group_size)
-    padded = _pad_columns(w.detach().float(), n_groups(k, group_size) * group_size)
+    padded = pad_columns(w.detach().float(), n_groups(k, group_size) * group_size)
     groups = padded.reshape(n, -1, group_size)  # (N, G, g), all groups at once
     scale, zero = group_params(groups, symmetric)
     return quantize_codes(groups, scale, zero).reshape(n, -1)[:, :k].contiguous(), scale, zero
@@ -117,7 +117,7 @@ class _Int4Matmul(torch.autograd.Function):
 class Int4Linear(nn.Module):
     """A frozen int4 weight-only linear: portable codes in the state_dict, kernel packing built lazily.
 
-    Buffers: `qweight` uint8 (N, K // 2) two codes per byte, `scale` and `zero` fp32 (N, K // group_size).
+    Buffers: `qweight` uint8 (N, K // 2) two codes per byte, `scale` and `zero` fp32 (N, ceil(K / group_size)).
     forward casts x to bf16 for torch's int4 CPU kernel (fp32 input takes a ~30x slower fallback there)
     and returns x.dtype.
     """
@@ -190,7 +190,7 @@ class Int4Linear(nn.Module):
                                    f"or use nf4 there")
             convert, _ = _cpu_kernel_ops()
             pad = (-self.out_features) % KERNEL_N_MULTIPLE  # extra rows of zero weight, sliced off the output
-            codes = _pad_columns(self.codes.to(torch.int32), self.padded_in, mode="code8")  # ragged last group
+            codes = pad_columns(self.codes.to(torch.int32), self.padded_in, mode="code8")  # ragged last group
             codes = nn.functional.pad(codes, (0, 0, 0, pad), value=8)
             scale, zero = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (self.scale, self.zero))
             packed = convert(codes.contiguous(), 1)  # inner_k_tiles=1
