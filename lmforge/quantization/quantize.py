@@ -32,6 +32,7 @@ from lmforge.training.lora import release_freed_memory, replace_linear
 
 Method = Literal["int8-dynamic", "int8-static", "int4", "nf4", "gptq", "awq"]
 CALIBRATED: tuple[str, ...] = ("int8-static", "gptq", "awq")
+SMOOTHED: tuple[str, ...] = ("int8-dynamic", "int8-static")  # methods that apply SmoothQuant (smooth_alpha)
 CPU_KERNELS: tuple[str, ...] = ("int8-dynamic", "int8-static", "int4", "gptq", "awq")
 FORMAT_VERSION = 1
 WEIGHTS_FILE, META_FILE = "model.safetensors", "quantization.json"
@@ -52,6 +53,7 @@ class QuantConfig:
     observer: ObserverMethod = "minmax"  # int8-static activation range: running min/max or percentile
     percentile: float = 99.99  # int8-static with observer="percentile"
     embedding: Literal["float", "int8"] = "int8"  # the token table once a quantized lm_head is untied from it
+    smooth_alpha: float | None = 0.5  # int8 methods: SmoothQuant migration strength; None: no smoothing
 
     def __post_init__(self) -> None:
         if self.method not in Method.__args__:
@@ -69,6 +71,8 @@ class QuantConfig:
             raise ValueError(f"embedding={self.embedding!r} must be 'float' or 'int8'")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile={self.percentile} must be in (50, 100]")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha={self.smooth_alpha} must be in [0, 1], or None to turn SmoothQuant off")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> QuantConfig:
@@ -102,6 +106,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def needs_calibration(config: QuantConfig) -> bool:
+    """Whether quantize_model needs calibration batches for this config (int8 ones do when smoothing)."""
+    return config.method in CALIBRATED or (config.method in SMOOTHED and config.smooth_alpha is not None)
+
+
 def target_names(model: nn.Module, config: QuantConfig) -> list[str]:
     """Qualified names of the nn.Linear modules the config quantizes (lm_head only with include_lm_head)."""
     return [name for name, m in model.named_modules()
@@ -115,10 +124,11 @@ def quantize_model(model: Transformer, config: QuantConfig, calibration: list[to
     Args:
         model: a float Transformer (on the CPU for every method but nf4).
         config: the method and its settings.
-        calibration: list of (1, T) LongTensor token batches; required for int8-static, gptq and awq.
+        calibration: list of (1, T) LongTensor token batches; required for int8-static, gptq and awq, and for
+            int8-dynamic unless smooth_alpha is None.
         progress: show a tqdm bar over the swapped modules.
     """
-    if config.method in CALIBRATED:
+    if needs_calibration(config):
         calibration = _check_calibration(calibration, config)
     device = next(model.parameters()).device
     if config.method in CPU_KERNELS and device.type != "cpu":
@@ -147,6 +157,9 @@ def _swap_linears(model: Transformer, config: QuantConfig, calibration: list[tor
     if config.method == "int4":
         for name in ordered:
             _check_int4_shape(name, model.get_submodule(name), config.group_size)
+    if config.method in SMOOTHED and config.smooth_alpha is not None:
+        from lmforge.quantization.smoothquant import smooth_model
+        smooth_model(model, calibration, config.smooth_alpha, include_lm_head=config.include_lm_head)
     observers = _calibrate(model, ordered, calibration, config, progress) if config.method == "int8-static" else {}
     bar = tqdm(total=len(names), desc=f"quantize {config.method}", disable=not progress)
 
@@ -181,8 +194,10 @@ def _check_int4_shape(name: str, linear: nn.Linear, group_size: int) -> None:
 def _check_calibration(calibration: list[torch.Tensor] | None, config: QuantConfig) -> list[torch.Tensor]:
     """The first calibration_samples batches, each cut to seq_len tokens; ValueError when unusable."""
     if not calibration:
-        raise ValueError(f"method={config.method!r} needs calibration data: pass calibration=[LongTensor (1, T), "
-                         f"...] token batches (e.g. {config.calibration_samples} samples of {config.seq_len} tokens)")
+        smoothing = " (SmoothQuant's activation statistics; or smooth_alpha=None)" if config.method in SMOOTHED else ""
+        raise ValueError(f"method={config.method!r} needs calibration data{smoothing}: pass calibration=[LongTensor "
+                         f"(1, T), ...] token batches (e.g. {config.calibration_samples} samples of {config.seq_len} "
+                         f"tokens)")
     for i, batch in enumerate(calibration):
         if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.dtype != torch.long:
             got = f"{tuple(batch.shape)} {batch.dtype}" if isinstance(batch, torch.Tensor) else type(batch).__name__

@@ -112,8 +112,9 @@ def test_model_nbytes_counts_tied_once_and_shrinks(tiny, quantized):
 
 
 def test_include_lm_head_false_keeps_it_tied_and_float(tiny, tmp_path):
-    model, _, ids, _ = tiny
-    q = quantize_model(copy.deepcopy(model), QuantConfig("int8-dynamic", include_lm_head=False), progress=False)
+    model, calibration, ids, _ = tiny
+    q = quantize_model(copy.deepcopy(model), QuantConfig("int8-dynamic", include_lm_head=False), calibration,
+                       progress=False)
     assert isinstance(q.lm_head, nn.Linear) and q.lm_head.weight is q.model.embed_tokens.weight
     loaded = load_quantized(save_quantized(q, QuantConfig("int8-dynamic", include_lm_head=False), tmp_path))
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
