@@ -172,14 +172,27 @@ def save_hf(model, path: str | Path) -> Path:
     config: Config = model.config
     if config.position != "rope":
         raise ValueError("save_hf writes LLaMA-style and Gemma 3 models; GPT-2 export is not supported yet")
-    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    plain = set(_plain_keys(config))
+    extra = sorted(set(state) - plain)
+    if extra:
+        raise ValueError(f"the model has tensors a plain {config.name} checkpoint does not ({extra[:3]}): merge "
+                         f"adapters (LoRA) first; a quantized model is exported from its float source")
+    path.mkdir(parents=True, exist_ok=True)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     _atomic(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     hf = hf_config(config)
     _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
     return path
+
+
+def _plain_keys(config: Config) -> list[str]:
+    """The state_dict keys of an unmodified Transformer with this config (built on the meta device)."""
+    from lmforge.model.transformer import Transformer
+
+    with torch.device("meta"):
+        return list(Transformer(config).state_dict())
 
 
 def save_pretrained(model, tokenizer, path: str | Path) -> Path:

@@ -34,6 +34,7 @@ def _report(net, tok, out: Path, ppl_tokens: int, decode_steps: int, baseline=No
 
 def quantize(model: str, *, out: str, method: Literal["int8-dynamic", "int8-static", "int4", "nf4", "gptq", "awq"] = "int4",
              group_size: int = 128, symmetric: bool = False, lm_head: bool = True, act_order: bool = False,
+             smooth: bool = True, smooth_alpha: float = 0.5,
              calibration_samples: int = 32, calibration_len: int = 512, ppl_tokens: int = 4096,
              decode_steps: int = 32, compare: bool = False) -> int:
     """Quantize a model's linear layers and save it (safetensors + quantization.json + tokenizer).
@@ -50,6 +51,8 @@ def quantize(model: str, *, out: str, method: Literal["int8-dynamic", "int8-stat
         symmetric: symmetric 4-bit codes (no zero point).
         lm_head: quantize the output projection too (a tied embedding keeps its float copy).
         act_order: GPTQ: quantize columns by descending Hessian diagonal.
+        smooth: int8: SmoothQuant the activations' outlier channels into the weights first.
+        smooth_alpha: int8: SmoothQuant's migration strength (0..1).
         calibration_samples: calibration sequences (int8, gptq, awq).
         calibration_len: tokens per calibration sequence.
         ppl_tokens: held-out tokens for the report's perplexity (0 skips it).
@@ -59,7 +62,7 @@ def quantize(model: str, *, out: str, method: Literal["int8-dynamic", "int8-stat
     from lmforge.quantization.quantize import QuantConfig, needs_calibration, quantize_model, save_quantized
 
     config = QuantConfig(method=method, group_size=group_size, symmetric=symmetric, include_lm_head=lm_head,
-                         act_order=act_order)
+                         act_order=act_order, smooth_alpha=smooth_alpha if smooth else None)
     net, tok = _load_float(model)
     baseline = None
     if compare:

@@ -212,3 +212,11 @@ def test_smollm2_int4_g32_keeps_the_next_token_and_reloads(smollm2_gguf, tmp_pat
     assert loss[1] < loss[0] + 0.15  # measured +0.065 nats
     with torch.no_grad():
         assert torch.equal(load_quantized(save_quantized(q, QuantConfig.from_name("int4-g32"), tmp_path))(ids), out)
+
+
+def test_a_quantized_model_is_not_written_as_a_float_hf_checkpoint(quantized, tmp_path):
+    from lmforge.checkpoint.hf import save_hf
+
+    with pytest.raises(ValueError, match="quantized model is exported from its float source"):
+        save_hf(quantized["int4-g32"], tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
