@@ -125,12 +125,33 @@ class Engine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
-        outputs = []
+        rows: list[tuple[Sequence, int]] = []  # who samples from which logits row, in output order
         for i, seq in enumerate(sampling):
-            for child in self._fork_children(seq):
-                outputs.append(self._postprocess(child, logits[i:i + 1]))
-            outputs.append(self._postprocess(seq, logits[i:i + 1]))
-        return outputs
+            rows.extend((child, i) for child in self._fork_children(seq))
+            rows.append((seq, i))
+        tokens = self._sample(logits, rows)
+        now = time.perf_counter()
+        return [self._postprocess(seq, logits[i:i + 1], token, now) for (seq, i), token in zip(rows, tokens)]
+
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> list[int]:
+        """Next token of each (seq, logits row): plain greedy rows in one argmax, the rest one by one.
+
+        The others are sampled in row order, so each seed (or the global generator) draws as
+        it would alone.
+        """
+        plain = [_plain_greedy(seq.params) for seq, _ in rows]
+        tokens: list[int] = [0] * len(rows)
+        if any(plain):
+            picked = [j for j, p in enumerate(plain) if p]
+            index = [rows[j][1] for j in picked]
+            chosen = logits if index == list(range(len(logits))) else logits[torch.tensor(index)]
+            best = chosen.argmax(-1).tolist()
+            for j, token in zip(picked, best):
+                tokens[j] = token
+        for j, (seq, i) in enumerate(rows):
+            if not plain[j]:
+                tokens[j] = int(sample(logits[i:i + 1], seq.params, _history(seq), seq.generator)[0])
+        return tokens
 
     def _fork_children(self, seq: Sequence) -> list[Sequence]:
         """At a parent's first sample, its waiting siblings take over its blocks and start running."""
@@ -141,15 +162,12 @@ class Engine:
             self.scheduler.running.append(child)
         return children
 
-    def _postprocess(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
-        """Sample the next token of `seq`, update its text, and finish it if it is done."""
-        history = torch.tensor([seq.all_ids]) if seq.params.repetition_penalty != 1.0 else None
-        token = int(sample(logits, seq.params, history, seq.generator)[0])
+    def _postprocess(self, seq: Sequence, logits: torch.Tensor, token: int, now: float) -> StepOutput:
+        """Record the sampled `token` of `seq`, update its text, and finish it if it is done."""
         out = StepOutput(seq, token)
         if self.logprobs_wanted.get(seq.seq_id):
-            out.logprob, out.top_logprobs = _logprobs(logits, history, seq.params, token,
+            out.logprob, out.top_logprobs = _logprobs(logits, _history(seq), seq.params, token,
                                                       self.logprobs_wanted[seq.seq_id])
-        now = time.perf_counter()
         seq.first_token_at = seq.first_token_at or now
         seq.last_token_at = now
         text = self.texts[seq.seq_id]
@@ -179,6 +197,16 @@ class Engine:
         while any(not s.is_finished for s in seqs):
             self.step()
         return [Completion(s.text, s.output_ids, s.finish_reason or "length", len(s.prompt_ids)) for s in seqs]
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Greedy without a repetition penalty: the token is the row's argmax, batchable over rows."""
+    return params.greedy and params.repetition_penalty == 1.0
+
+
+def _history(seq: Sequence) -> torch.Tensor | None:
+    """The (1, L) ids a repetition penalty looks at, or None when the penalty is off."""
+    return torch.tensor([seq.all_ids]) if seq.params.repetition_penalty != 1.0 else None
 
 
 def _logprobs(logits: torch.Tensor, history, params: SamplingParams, token: int, k: int

@@ -2,7 +2,11 @@
 
 All scheduled tokens of all sequences are packed into one row (1, N), so every matrix
 multiply is shared. Attention then splits by sequence: decode queries are batched over
-their gathered, padded key blocks; each prefill chunk attends over its own blocks.
+their gathered, padded key slots; each prefill chunk attends over its own slots.
+
+Every index the layers need (new-token slots, each decode's key slots, prefill masks) is
+built once per step with a few tensor ops over a padded block table, and reused by all
+layers of a kind; a step of decodes only reads its queries and writes its output as views.
 """
 
 from __future__ import annotations
@@ -40,13 +44,27 @@ class PagedKVCache:
 
 
 @dataclass
+class Prefill:
+    """One prefill chunk: packed rows [start, end) attend over cache `slots` with `mask` (or causal)."""
+
+    start: int
+    end: int
+    slots: torch.Tensor  # (S,) cache slots of its keys
+    mask: torch.Tensor | None  # (1, 1, T, S) bool, or None when plain causal suffices
+    causal: bool
+
+
+@dataclass
 class KindPlan:
     """Gather indices and masks for one layer kind (global or sliding) in one step."""
 
-    decode_rows: torch.Tensor  # (Bd,) packed positions of decode queries
-    decode_slots: torch.Tensor  # (Bd, L) cache slots of their keys, padded with slot 0
+    decode_rows: slice | torch.Tensor  # packed positions of the Bd decode queries (a slice when adjacent)
+    num_decode: int  # Bd
+    decode_len: int  # L: keys per decode query, padded to the longest
+    decode_slots: torch.Tensor  # (Bd * L,) cache slots of their keys, row by row, padded with slot 0
     decode_mask: torch.Tensor | None  # (Bd, 1, 1, L) False at padding, or None when none padded
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None, bool]] = field(default_factory=list)
+    decode_only: bool  # every packed token is a decode query (the output is a view of theirs)
+    prefills: list[Prefill] = field(default_factory=list)
 
 
 class PagedAttention:
@@ -58,21 +76,49 @@ class PagedAttention:
     def attend(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, n_head, N, hd), k/v (1, n_kv, N, hd) -> (1, n_head, N, hd)."""
         kc, vc = self.cache.k[module.layer_idx], self.cache.v[module.layer_idx]
-        kc[self.slot_mapping] = k[0].transpose(0, 1)  # (N, n_kv, hd)
-        vc[self.slot_mapping] = v[0].transpose(0, 1)
-        out = torch.empty_like(q)
+        kc.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))  # (N, n_kv, hd)
+        vc.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
         plan = self.plan
-        if plan.decode_rows.numel():
-            qd = q[0, :, plan.decode_rows].transpose(0, 1).unsqueeze(2)  # (Bd, n_head, 1, hd)
-            kd = kc[plan.decode_slots].transpose(1, 2)  # (Bd, L, n_kv, hd) -> (Bd, n_kv, L, hd)
-            vd = vc[plan.decode_slots].transpose(1, 2)
-            yd = module.scores(qd, kd, vd, plan.decode_mask, False)  # (Bd, n_head, 1, hd)
-            out[0, :, plan.decode_rows] = yd.squeeze(2).transpose(0, 1)
-        for start, end, slots, mask, causal in plan.prefills:
-            kp = kc[slots].transpose(0, 1).unsqueeze(0)  # (1, n_kv, S, hd)
-            vp = vc[slots].transpose(0, 1).unsqueeze(0)
-            out[:, :, start:end] = module.scores(q[:, :, start:end], kp, vp, mask, causal)
+        if plan.decode_only:
+            return self._decode(module, q, kc, vc).squeeze(2).transpose(0, 1).unsqueeze(0)
+        out = torch.empty_like(q)
+        if plan.num_decode:
+            out[0, :, plan.decode_rows] = self._decode(module, q, kc, vc).squeeze(2).transpose(0, 1)
+        for p in plan.prefills:
+            kp = kc.index_select(0, p.slots).transpose(0, 1).unsqueeze(0)  # (1, n_kv, S, hd)
+            vp = vc.index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
+            out[:, :, p.start:p.end] = module.scores(q[:, :, p.start:p.end], kp, vp, p.mask, p.causal)
         return out
+
+    def _decode(self, module, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        """All decode queries at once over their gathered keys: (Bd, n_head, 1, hd)."""
+        plan = self.plan
+        shape = (plan.num_decode, plan.decode_len) + kc.shape[1:]
+        qd = q[0, :, plan.decode_rows].transpose(0, 1).unsqueeze(2)  # (Bd, n_head, 1, hd)
+        kd = kc.index_select(0, plan.decode_slots).view(shape).transpose(1, 2)  # (Bd, n_kv, L, hd)
+        vd = vc.index_select(0, plan.decode_slots).view(shape).transpose(1, 2)
+        return module.scores(qd, kd, vd, plan.decode_mask, False)
+
+
+def _tokens(seq: Sequence, start: int, end: int) -> list[int]:
+    """seq.all_ids[start:end] without concatenating prompt and output."""
+    p = len(seq.prompt_ids)
+    if end <= p:
+        return seq.prompt_ids[start:end]
+    if start >= p:
+        return seq.output_ids[start - p:end - p]
+    return seq.prompt_ids[start:] + seq.output_ids[:end - p]
+
+
+@dataclass
+class StepLayout:
+    """Where each scheduled sequence sits in this step, on the CPU: the input of every plan."""
+
+    tables: torch.Tensor  # (B, W) block tables padded with block 0
+    starts: list[int]  # first position each sequence computes
+    counts: list[int]  # tokens it computes
+    offsets: list[int]  # its first packed row
+    decodes: list[int]  # batch indices of the one-token (decode) sequences
 
 
 class ModelRunner:
@@ -82,55 +128,91 @@ class ModelRunner:
         self.model, self.cache, self.bs = model, cache, cache.block_size
         self.device = next(model.parameters()).device
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.bs, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+    def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of `positions` (R, P) in the block tables (R, W) of their rows."""
+        return tables.gather(1, positions // self.bs) * self.bs + positions % self.bs
 
-    def _plan(self, batch: Batch, window: int | None) -> KindPlan:
-        decode_rows, decode_keys, prefills, offset = [], [], [], 0
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            start, end = seq.num_computed, seq.num_computed + n
-            lo = max(0, end - window - n + 1) if window else 0  # keys a sliding window can still see
-            keys = torch.tensor(self._slots(seq, lo, end))
-            if n == 1:
-                decode_rows.append(offset)
-                decode_keys.append(keys)
-            else:
-                q_pos, k_pos = torch.arange(start, end)[None], torch.arange(lo, end)[None]
-                fresh = start == 0 and (window is None or end <= window)
-                mask = None if fresh else attention_mask(q_pos, k_pos, None, window)
-                prefills.append((offset, offset + n, keys, mask, fresh))
-            offset += n
-        length = max((len(k) for k in decode_keys), default=0)
-        slots = torch.zeros(len(decode_keys), length, dtype=torch.long)
-        valid = torch.zeros(len(decode_keys), length, dtype=torch.bool)
-        for row, keys in enumerate(decode_keys):
-            slots[row, :len(keys)], valid[row, :len(keys)] = keys, True
+    def _layout(self, batch: Batch) -> StepLayout:
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs],
+                              dtype=torch.long)
+        starts = [seq.num_computed for seq in batch.seqs]
+        offsets, total = [], 0
+        for n in batch.num_tokens:
+            offsets.append(total)
+            total += n
+        decodes = [i for i, n in enumerate(batch.num_tokens) if n == 1]
+        return StepLayout(tables, starts, list(batch.num_tokens), offsets, decodes)
+
+    def _decode_plan(self, layout: StepLayout, window: int | None
+                     ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """Slots (Bd * L,) and mask of every decode query's keys; a sliding window trims the oldest."""
+        d = layout.decodes
+        ends = torch.tensor([layout.starts[i] + 1 for i in d], dtype=torch.long)
+        lo = (ends - window).clamp(min=0) if window else torch.zeros_like(ends)  # keys the window still sees
+        lens = ends - lo
+        length = int(lens.max())
+        valid = torch.arange(length)[None] < lens[:, None]  # (Bd, L)
+        positions = (lo[:, None] + torch.arange(length)[None]).masked_fill(~valid, 0)
+        slots = self._slots(layout.tables[d], positions).masked_fill(~valid, 0)
         mask = None if bool(valid.all()) else valid[:, None, None, :]
+        return slots.view(-1), length, mask
+
+    def _prefill_plan(self, layout: StepLayout, i: int, window: int | None) -> Prefill:
+        """Key slots and mask of prefill chunk `i` (its queries see the cache up to themselves)."""
+        start, n = layout.starts[i], layout.counts[i]
+        end = start + n
+        lo = max(0, end - window - n + 1) if window else 0  # keys a sliding window can still see
+        k_pos = torch.arange(lo, end)
+        slots = self._slots(layout.tables[i:i + 1], k_pos[None])[0]
+        fresh = start == 0 and (window is None or end <= window)
+        mask = None if fresh else attention_mask(torch.arange(start, end)[None], k_pos[None], None, window)
         dev = self.device
-        prefills = [(a, b, keys.to(dev), None if m is None else m.to(dev), c) for a, b, keys, m, c in prefills]
-        return KindPlan(torch.tensor(decode_rows, dtype=torch.long, device=dev), slots.to(dev),
-                        None if mask is None else mask.to(dev), prefills)
+        return Prefill(layout.offsets[i], layout.offsets[i] + n, slots.to(dev),
+                       None if mask is None else mask.to(dev), fresh)
+
+    def _plan(self, layout: StepLayout, window: int | None) -> KindPlan:
+        d, dev = layout.decodes, self.device
+        if d:
+            slots, length, mask = self._decode_plan(layout, window)
+        else:
+            slots, length, mask = torch.zeros(0, dtype=torch.long), 0, None
+        adjacent = not d or d[-1] - d[0] + 1 == len(d)  # decode rows form one packed range
+        rows = slice(layout.offsets[d[0]], layout.offsets[d[0]] + len(d)) if d and adjacent else \
+            torch.tensor([layout.offsets[i] for i in d], dtype=torch.long, device=dev)
+        prefills = [self._prefill_plan(layout, i, window) for i, n in enumerate(layout.counts) if n > 1]
+        return KindPlan(rows, len(d), length, slots.to(dev), None if mask is None else mask.to(dev),
+                        len(d) == len(layout.counts), prefills)
+
+    def _new_slots(self, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (N,) of the packed tokens and the cache slots (N,) their keys/values go to."""
+        counts = torch.tensor(layout.counts, dtype=torch.long)
+        rows = torch.repeat_interleave(torch.arange(len(layout.counts)), counts)
+        shift = torch.tensor(layout.starts, dtype=torch.long) - torch.tensor(layout.offsets, dtype=torch.long)
+        positions = torch.arange(int(counts.sum())) + shift[rows]
+        slots = layout.tables[rows, positions // self.bs] * self.bs + positions % self.bs
+        return positions, slots
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:
         """Run the step; return logits (S, vocab) for the S sequences whose step ends their known tokens."""
-        ids, positions, slots, sample_at, sampling = [], [], [], [], []
+        ids, sample_at, sampling = [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            start, end = seq.num_computed, seq.num_computed + n
-            ids.extend(seq.all_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(self._slots(seq, start, end))
-            if end == seq.num_tokens:
+            start = seq.num_computed
+            ids.extend(_tokens(seq, start, start + n))
+            if start + n == seq.num_tokens:
                 sample_at.append(len(ids) - 1)
                 sampling.append(seq)
-        input_ids = torch.tensor([ids], device=self.device)
-        pos = torch.tensor([positions], device=self.device)
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
+        layout = self._layout(batch)
+        positions, slots = self._new_slots(layout)
+        dev = self.device
+        input_ids = torch.tensor([ids], device=dev)
+        pos = positions[None].to(dev)
+        slot_mapping = slots.to(dev)
         contexts = {}
         for kind in set(self.model.config.layer_types):
-            plan = self._plan(batch, self.model.window(kind))
+            plan = self._plan(layout, self.model.window(kind))
             contexts[kind] = PagedAttention(self.cache, slot_mapping, plan, self.model.rope_at(kind, pos))
         logits = self.model(input_ids, positions=pos, contexts=contexts,
-                            output_index=torch.tensor(sample_at, dtype=torch.long, device=self.device))
-        return logits[0].float().cpu(), sampling  # sampling runs on the CPU, per request
+                            output_index=torch.tensor(sample_at, dtype=torch.long, device=dev))
+        return logits[0].float().cpu(), sampling  # sampling runs on the CPU

@@ -85,6 +85,21 @@ def test_engine_equals_generate_with_arrivals(model, prefix_caching):
     assert engine.blocks.num_used == 0  # finished sequences hold nothing (cached blocks stay findable)
 
 
+def test_mixed_sampling_in_one_batch_equals_generate(model):
+    """Batched greedy rows next to penalised and seeded sampled rows: each as `generate` alone."""
+    prompts = _prompts(5, seed=4)
+    params = [SamplingParams(max_new_tokens=12, temperature=0),
+              SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.5),
+              SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, seed=1),
+              SamplingParams(max_new_tokens=12, temperature=0),
+              SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, repetition_penalty=1.2, seed=2)]
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=8, num_blocks=128))
+    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.output_ids for s in seqs] == [generate_ids(model, [p], sp)[0] for p, sp in zip(prompts, params)]
+
+
 def test_chunked_prefill_and_tight_budget(model):
     prompts = _prompts(4, seed=2)
     prompts[0] = list(range(1, 120))  # longer than the step budget: prefilled in chunks
