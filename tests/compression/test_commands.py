@@ -31,18 +31,25 @@ def _numbers(out: str) -> dict[str, float]:
 
 
 def test_quantize_int4_saves_reports_and_generates(smollm2_gguf, tmp_path, capsys):
+    """SmolLM2's GGUF is Q4_1 (blocks of 32, min/max grid), so asymmetric int4-g32 nearly reproduces it."""
     out = tmp_path / "int4"
-    assert main(["quantize", str(smollm2_gguf), "--out", str(out), "--method", "int4", "--group-size", "64",
+    assert main(["quantize", str(smollm2_gguf), "--out", str(out), "--method", "int4", "--group-size", "32",
                  "--ppl-tokens", "512", "--decode-steps", "4"]) == 0
     report = _numbers(capsys.readouterr().out)
-    assert 60 < report["size_mib"] < 200 and math.isfinite(report["perplexity"]) and report["decode_tok_s"] > 0
+    assert 60 < report["size_mib"] < 120 and math.isfinite(report["perplexity"]) and report["decode_tok_s"] > 0
     assert (out / "quantization.json").is_file() and (out / "tokenizer.json").is_file()
-    model, _ = load(out)  # loads as a quantized model, no recalibration
+    model, tokenizer = load(out)  # loads as a quantized model, no recalibration
     float_model, _ = load(smollm2_gguf)
-    ids = torch.arange(100, 132)[None]
+    text = ("The capital of France is Paris. The capital of Germany is Berlin. Water boils at 100 degrees Celsius "
+            "at sea level, and freezes at zero. The Earth goes around the Sun once a year, and the Moon goes around "
+            "the Earth about once a month.")
+    ids = torch.tensor([tokenizer.encode(text)])
     with torch.no_grad():
         ref, got = float_model(ids), model(ids)
-    assert float((got - ref).norm() / ref.norm()) < 0.3
+    assert float((got - ref).norm() / ref.norm()) < 0.15
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85  # misses are near-ties of the float model
+    loss = [float(torch.nn.functional.cross_entropy(y[0, :-1], ids[0, 1:])) for y in (ref, got)]
+    assert loss[1] < loss[0] + 0.15  # measured +0.065 nats
     assert main(["generate", "Name a colour.", "--model", str(out), "--max-tokens", "6", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
 

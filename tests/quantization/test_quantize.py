@@ -192,28 +192,6 @@ def test_load_errors_are_clear(tiny, quantized, tmp_path):
         load_quantized(path)
 
 
-@pytest.mark.real_model
-def test_smollm2_int4_g32_keeps_the_next_token_and_reloads(smollm2_gguf, tmp_path):
-    """SmolLM2's GGUF is Q4_1 (blocks of 32, min/max grid), so asymmetric int4-g32 nearly reproduces it."""
-    from lmforge.checkpoint.load import load
-
-    model, tokenizer = load(smollm2_gguf)
-    text = ("The capital of France is Paris. The capital of Germany is Berlin. Water boils at 100 degrees Celsius "
-            "at sea level, and freezes at zero. The Earth goes around the Sun once a year, and the Moon goes around "
-            "the Earth about once a month.")
-    ids = torch.tensor([tokenizer.encode(text)])
-    with torch.no_grad():
-        ref = model(ids)
-        q = quantize_model(model, QuantConfig.from_name("int4-g32"), progress=False)
-        out = q(ids)
-    assert float((out - ref).norm() / ref.norm()) < 0.15
-    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85  # misses are near-ties of the float model
-    loss = [float(nn.functional.cross_entropy(y[0, :-1], ids[0, 1:])) for y in (ref, out)]
-    assert loss[1] < loss[0] + 0.15  # measured +0.065 nats
-    with torch.no_grad():
-        assert torch.equal(load_quantized(save_quantized(q, QuantConfig.from_name("int4-g32"), tmp_path))(ids), out)
-
-
 def test_a_quantized_model_is_not_written_as_a_float_hf_checkpoint(quantized, tmp_path):
     from lmforge.checkpoint.hf import save_hf
 
