@@ -13,6 +13,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from lmforge.quantization.lazy_kernel import LazyKernel
+
 GROUP_SIZES = (32, 64, 128)  # the group sizes torch's int4 CPU kernel supports
 KERNEL_N_MULTIPLE = 16  # the CPU kernel packs rows in blocks of 16; other widths are zero-padded
 
@@ -114,7 +116,7 @@ class _Int4Matmul(torch.autograd.Function):
         return grad @ ctx.module.weight.to(grad.dtype), None
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(LazyKernel):
     """A frozen int4 weight-only linear: portable codes in the state_dict, kernel packing built lazily.
 
     Buffers: `qweight` uint8 (N, K // 2) two codes per byte, `scale` and `zero` fp32 (N, ceil(K / group_size)).
@@ -134,7 +136,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, groups, device=device))
         self.register_buffer("zero", torch.zeros(out_features, groups, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
-        self._kernel: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def from_codes(cls, q: Tensor, scale: Tensor, zero: Tensor, group_size: int,
@@ -183,7 +184,7 @@ class Int4Linear(nn.Module):
 
         Call reset_kernel() after editing the buffers in place (loading and .to() do it themselves).
         """
-        if self._kernel is None:
+        if self._kernel_cache is None:
             if self.qweight.device.type != "cpu":
                 raise RuntimeError(f"Int4Linear has a kernel only on the CPU (torch.ops.aten._weight_int4pack_mm_"
                                    f"for_cpu); weights are on {self.qweight.device}; move the model to the CPU "
@@ -195,20 +196,8 @@ class Int4Linear(nn.Module):
             scale, zero = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (self.scale, self.zero))
             packed = convert(codes.contiguous(), 1)  # inner_k_tiles=1
             scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-            self._kernel = (packed, scales_and_zeros)
-        return self._kernel
-
-    def reset_kernel(self) -> None:
-        """Drop the kernel packing so the next call packs the current buffers."""
-        self._kernel = None
-
-    def _apply(self, *args, **kwargs):  # .to(), .cpu(), ...: buffers may move, repack lazily
-        self.reset_kernel()
-        return super()._apply(*args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.reset_kernel()
-        super()._load_from_state_dict(*args, **kwargs)
+            self._kernel_cache = (packed, scales_and_zeros)
+        return self._kernel_cache
 
     def kernel(self, x2d: Tensor) -> Tensor:
         """x2d (M, K) -> (M, N) in x2d's dtype, on the int4 kernel with bf16 activations."""

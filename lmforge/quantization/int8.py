@@ -18,6 +18,8 @@ from typing import Iterator, Literal
 import torch
 from torch import Tensor, nn
 
+from lmforge.quantization.lazy_kernel import LazyKernel
+
 WEIGHT_QMAX = 127  # symmetric int8 weights in -127..127 (no -128, so the scale is exact both ways)
 ObserverMethod = Literal["minmax", "percentile"]
 
@@ -121,7 +123,7 @@ class _Int8Matmul(torch.autograd.Function):
         return grad @ ctx.module.weight.to(grad.dtype), None
 
 
-class _Int8Linear(nn.Module):
+class _Int8Linear(LazyKernel):
     """Shared part: buffers `qweight` int8 (N, K) and `weight_scale` fp32 (N,), lazy fbgemm packing."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -131,7 +133,6 @@ class _Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
-        self._packed: torch.ScriptObject | None = None
 
     def _set_weight(self, linear: nn.Linear) -> None:
         q, scale = quantize_per_channel(linear.weight)
@@ -148,24 +149,12 @@ class _Int8Linear(nn.Module):
 
     def packed(self) -> torch.ScriptObject:
         """fbgemm's packed weight (with bias), built on first use; call reset_kernel() after editing buffers."""
-        if self._packed is None:
+        if self._kernel_cache is None:
             if self.qweight.device.type != "cpu":
                 raise RuntimeError(f"{type(self).__name__} has a kernel only on the CPU (fbgemm); weights are on "
                                    f"{self.qweight.device}; move the model to the CPU")
-            self._packed = prepack(self.qweight, self.weight_scale, self.bias)
-        return self._packed
-
-    def reset_kernel(self) -> None:
-        """Drop the packed weight so the next call packs the current buffers."""
-        self._packed = None
-
-    def _apply(self, *args, **kwargs):  # .to(), .cpu(), ...: buffers may move, repack lazily
-        self.reset_kernel()
-        return super()._apply(*args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.reset_kernel()
-        super()._load_from_state_dict(*args, **kwargs)
+            self._kernel_cache = prepack(self.qweight, self.weight_scale, self.bias)
+        return self._kernel_cache
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -220,11 +209,11 @@ class Int8StaticLinear(_Int8Linear):
         return module
 
     def packed(self) -> torch.ScriptObject:
-        if self._packed is None:
+        if self._kernel_cache is None:
             packed = super().packed()  # raises off the CPU before the scalars are read
             self._input_qparams = float(self.input_scale), int(self.input_zero_point)
             return packed
-        return self._packed
+        return self._kernel_cache
 
     def kernel(self, x2d: Tensor) -> Tensor:
         packed = self.packed()

@@ -17,35 +17,12 @@ from lmforge.quantization.int4 import Int4Linear, dequantize_int4, quantize_rtn
 from lmforge.training.lora import replace_linear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (100x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def activation_source(K: int, rank: int = 32, noise: float = 0.3, outliers: int = 4, gain: float = 20.0):
-    """Rows like an LLM layer's inputs: correlated (low rank plus noise), a few channels 20x larger."""
-    g = torch.Generator().manual_seed(0)
-    basis = torch.randn(rank, K, generator=g) / rank ** 0.5
-    scale = torch.exp(0.5 * torch.randn(K, generator=g))
-    scale[torch.randperm(K, generator=g)[:outliers]] *= gain
-
-    def sample(n: int, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return (torch.randn(n, rank, generator=gen) @ basis + noise * torch.randn(n, K, generator=gen)) * scale
-
-    return sample
-
-
 def test_output_error_is_the_squared_output_difference() -> None:
     x, d = torch.randn(50, 32, dtype=torch.float64), torch.randn(7, 32, dtype=torch.float64)
     torch.testing.assert_close(output_error(d, x.t() @ x), ((x @ d.t()) ** 2).sum())
 
 
-def test_alpha_zero_is_round_to_nearest() -> None:
+def test_alpha_zero_is_round_to_nearest(activation_source) -> None:
     x = activation_source(128)(256, seed=1)
     w = torch.randn(16, 128)
     s, alpha = search_scale([w], x.t() @ x, x.abs().mean(0), group_size=32, grid=1)
@@ -66,7 +43,7 @@ def test_whole_model_awq_with_alpha_zero_and_no_clip_equals_rtn() -> None:
     assert torch.equal(model.model.norm.weight, float_model.model.norm.weight)  # s = 1 folds to nothing
 
 
-def test_awq_beats_rtn_on_held_out_activations() -> None:
+def test_awq_beats_rtn_on_held_out_activations(activation_source) -> None:
     K, N, g = 256, 128, 64
     source = activation_source(K)
     calib, held_out = source(1024, seed=1), source(4096, seed=2)
@@ -85,7 +62,7 @@ def test_awq_beats_rtn_on_held_out_activations() -> None:
     assert clipped < scaled  # measured 0.35
 
 
-def test_clip_search_never_loses_to_rtn_per_group() -> None:
+def test_clip_search_never_loses_to_rtn_per_group(activation_source) -> None:
     x = activation_source(128)(512, seed=4)
     w = torch.randn(32, 128) * 0.02
     w[:, 7] *= 8.0  # heavy-tailed weights: clipping pays
@@ -156,7 +133,7 @@ def test_whole_tiny_model_awq_is_closer_to_float_than_rtn_and_loads_as_rtn_does(
         torch.testing.assert_close(fresh(ids), model(ids))
 
 
-def test_clip_search_with_a_ragged_last_group() -> None:
+def test_clip_search_with_a_ragged_last_group(activation_source) -> None:
     """K=192 at g128: the narrow last group gets its own range, and clipping still beats RTN."""
     x = activation_source(192)(512, seed=5)
     w = torch.randn(32, 192) * 0.02

@@ -18,29 +18,6 @@ from lmforge.quantization.int4 import Int4Linear, dequantize_int4, group_params,
 from lmforge.training.lora import replace_linear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (100x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def activation_source(K: int, rank: int = 32, noise: float = 0.3, outliers: int = 4, gain: float = 20.0):
-    """Rows like an LLM layer's inputs: correlated (low rank plus noise), a few channels 20x larger."""
-    g = torch.Generator().manual_seed(0)
-    basis = torch.randn(rank, K, generator=g) / rank ** 0.5
-    scale = torch.exp(0.5 * torch.randn(K, generator=g))
-    scale[torch.randperm(K, generator=g)[:outliers]] *= gain
-
-    def sample(n: int, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return (torch.randn(n, rank, generator=gen) @ basis + noise * torch.randn(n, K, generator=gen)) * scale
-
-    return sample
-
-
 def hessian_of(x: torch.Tensor) -> torch.Tensor:
     return 2.0 / x.shape[0] * x.double().t() @ x.double()
 
@@ -81,8 +58,8 @@ def reference_gptq(w, H, group_size, symmetric, damp, act_order):
     (32, False, True, 48, 128), (64, True, True, 128, 128),
     (128, False, False, 128, 192), (128, False, True, 48, 192),  # a ragged last group (K % g != 0)
 ])
-def test_lazy_batched_cholesky_gptq_equals_column_by_column_reference(group_size, symmetric, act_order,
-                                                                      block_size, K) -> None:
+def test_lazy_batched_cholesky_gptq_equals_column_by_column_reference(activation_source, group_size, symmetric,
+                                                                      act_order, block_size, K) -> None:
     N = 24
     x = activation_source(K)(512, seed=1)
     x[:, 5] = 0.0  # a dead input channel
@@ -97,7 +74,7 @@ def test_lazy_batched_cholesky_gptq_equals_column_by_column_reference(group_size
     assert bool((w_hat[:, 5].abs() <= scale[:, 0] / 2 + 1e-9).all())  # the dead column is quantized from 0
 
 
-def test_gptq_beats_rtn_on_held_out_activations() -> None:
+def test_gptq_beats_rtn_on_held_out_activations(activation_source) -> None:
     K, N, g = 256, 128, 64
     source = activation_source(K)
     calib, held_out = source(1024, seed=1), source(4096, seed=2)
