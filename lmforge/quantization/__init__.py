@@ -1,1 +1,1 @@
-"""Quantization: NF4 (QLoRA) weights; int8, GPTQ and AWQ to come."""
+"""Quantization: int8 (dynamic, static, SmoothQuant), int4 (RTN, GPTQ, AWQ) and NF4, by module swap; see quantize.py."""
