@@ -1,13 +1,17 @@
 """Drive the synchronous Engine from one background thread for asyncio callers (the server).
 
 Engine methods run only under one lock; results travel to each request's asyncio queue
-with `call_soon_threadsafe`. A request whose consumer stops (client disconnect) is aborted
+with `call_soon_threadsafe`. Python's locks are not fair: a stepping loop that releases and
+re-takes the lock at once would keep the server's `open`/`close` (on the event loop) waiting
+until every running request finished, and their streams would arrive in one burst at the end;
+so the loop lets waiting callers in between steps. A request whose consumer stops (client disconnect) is aborted
 and its blocks freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from typing import AsyncIterator
@@ -23,6 +27,8 @@ class AsyncEngine:
     def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
         self.engine, self.metrics = engine, metrics
         self._lock = threading.Lock()
+        self._callers = 0  # server calls waiting for or holding the lock; the loop lets them in first
+        self._callers_lock = threading.Lock()
         self._wake = threading.Event()
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
@@ -37,7 +43,7 @@ class AsyncEngine:
                       ) -> list["RequestStream"]:
         """Queue one prompt sampled len(params) ways (one prefill, forked); one stream per sample."""
         loop = asyncio.get_running_loop()
-        with self._lock:
+        with self._turn():
             seqs = self.engine.add_parallel(prompt_ids, params, logprobs=logprobs)
             streams = []
             for seq in seqs:
@@ -49,12 +55,24 @@ class AsyncEngine:
 
     def close(self, seq) -> None:
         """Forget a request; abort it if it is still running (its client went away)."""
-        with self._lock:
+        with self._turn():
             self._queues.pop(seq.seq_id, None)
             if not seq.is_finished:
                 self.engine.abort(seq)
                 if self.metrics:
                     self.metrics.finished(seq, "abort")
+
+    @contextlib.contextmanager
+    def _turn(self):
+        """The engine lock for a caller on the event loop, taken before the loop's next step."""
+        with self._callers_lock:
+            self._callers += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._callers_lock:
+                self._callers -= 1
 
     def _run(self) -> None:
         while not self._stop:
@@ -62,6 +80,8 @@ class AsyncEngine:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            while self._callers:  # let waiting open/close calls in (each holds the lock for microseconds)
+                time.sleep(0.0002)
             with self._lock:
                 outputs = self.engine.step()
                 targets = [(out, self._queues.get(out.seq.seq_id)) for out in outputs]

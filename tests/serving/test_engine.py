@@ -172,3 +172,39 @@ def test_abort_before_fork_aborts_siblings(model):
     seqs = engine.add_parallel([1, 2, 3], [SamplingParams(max_new_tokens=5)] * 2)
     engine.abort(seqs[0])
     assert all(s.finish_reason == "abort" for s in seqs) and not engine.has_unfinished()
+
+
+def test_async_engine_lets_a_new_request_in_while_another_runs():
+    """The server's open() must not wait for running requests to finish (Python locks are not fair):
+    a request opened while another decodes gets its first token before the other is done."""
+    import asyncio
+    import time
+
+    from lmforge.serving.async_engine import AsyncEngine
+
+    net = build_model(Config.from_name("tiny-llama", block_size=1024)).eval()
+    forward = net.forward
+
+    def slow_forward(*args, **kwargs):  # a real model's step holds the lock for tens of ms
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    net.forward = slow_forward
+    engine = AsyncEngine(Engine(net, ByteTokenizer(), EngineConfig(block_size=16, num_blocks=256)))
+    long = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+
+    async def scenario() -> bool:
+        stream = engine.open(list(b"a long request"), long)
+        first = aiter(stream)
+        for _ in range(20):  # it is decoding; now a second request arrives
+            await anext(first)
+        second = aiter(engine.open(list(b"short"), short))
+        await anext(second)
+        return not stream.seq.is_finished
+
+    try:
+        first_still_running = asyncio.run(scenario())
+    finally:
+        engine.shutdown(timeout=5)
+    assert first_still_running, "the second request waited for the first one to finish"
