@@ -103,19 +103,6 @@ def _cpu_kernel_ops() -> tuple:
     return ops._convert_weight_to_int4pack_for_cpu, ops._weight_int4pack_mm_for_cpu
 
 
-class _Int4Matmul(torch.autograd.Function):
-    """y = x W^T on the int4 kernel; backward (only when x needs a gradient) uses the dequantized W."""
-
-    @staticmethod
-    def forward(ctx, x2d: Tensor, module: "Int4Linear") -> Tensor:
-        ctx.module = module
-        return module.kernel(x2d)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad @ ctx.module.weight.to(grad.dtype), None
-
-
 class Int4Linear(LazyKernel):
     """A frozen int4 weight-only linear: portable codes in the state_dict, kernel packing built lazily.
 
@@ -215,7 +202,7 @@ class Int4Linear(LazyKernel):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, Int4Linear expects {self.in_features}")
         x2d = x.reshape(-1, self.in_features)
-        y = _Int4Matmul.apply(x2d, self) if x.requires_grad and torch.is_grad_enabled() else self.kernel(x2d)
+        y = self.matmul(x2d)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -110,19 +110,6 @@ class MinMaxObserver:
         return scale, int(min(max(round(-lo / scale), 0), qmax))
 
 
-class _Int8Matmul(torch.autograd.Function):
-    """y = x W^T + b on the module's int8 kernel; backward (only when x needs a gradient) uses the float W."""
-
-    @staticmethod
-    def forward(ctx, x2d: Tensor, module: "_Int8Linear") -> Tensor:
-        ctx.module = module
-        return module.kernel(x2d)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad @ ctx.module.weight.to(grad.dtype), None
-
-
 class _Int8Linear(LazyKernel):
     """Shared part: buffers `qweight` int8 (N, K) and `weight_scale` fp32 (N,), lazy fbgemm packing."""
 
@@ -160,7 +147,7 @@ class _Int8Linear(LazyKernel):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, {type(self).__name__} expects {self.in_features}")
         x2d = x.reshape(-1, self.in_features).float().contiguous()  # fbgemm takes fp32 activations
-        y = _Int8Matmul.apply(x2d, self) if x.requires_grad and torch.is_grad_enabled() else self.kernel(x2d)
+        y = self.matmul(x2d)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
