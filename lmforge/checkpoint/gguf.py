@@ -146,11 +146,7 @@ def tensor_to_numpy(reader: GGUFFile, tensor: TensorInfo) -> np.ndarray:
 
 
 def read_state_dict(reader: GGUFFile, config: Config, arch: str) -> dict[str, torch.Tensor]:
-    """All tensors as fp32 torch tensors under Hugging Face names, layout fixed up per arch.
-
-    Matrices come back column-major (see `column_major_linears`): the transposing copy runs
-    in the dequantization threads instead of after them.
-    """
+    """All tensors as fp32 torch tensors under Hugging Face names, layout fixed up per arch."""
     _, table = ARCH_STYLE[arch]
     unknown = [t.name for t in reader.tensors if hf_name(t.name, table) is None]
     if unknown:
@@ -164,8 +160,6 @@ def read_state_dict(reader: GGUFFile, config: Config, arch: str) -> dict[str, to
             tensor = unpermute_rope(tensor, config.n_head if "q_proj" in name else config.n_kv_head)
         if arch == "gemma3" and name.endswith("norm.weight"):
             tensor = tensor - 1.0  # llama.cpp stores Gemma's (1 + w); we keep Hugging Face's w
-        if tensor.dim() == 2 and ".qkv." not in name:
-            tensor = tensor.t().contiguous().t()
         return name, tensor
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # numpy and torch copies release the GIL

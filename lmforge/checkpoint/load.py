@@ -8,7 +8,7 @@ import torch
 
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.config import Config
-from lmforge.model.transformer import Transformer, column_major_linears
+from lmforge.model.transformer import Transformer, decode_layout
 
 
 def assign_state(config: Config, state: dict[str, torch.Tensor], source: str,
@@ -33,7 +33,7 @@ def assign_state(config: Config, state: dict[str, torch.Tensor], source: str,
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return column_major_linears(model).eval()
+    return decode_layout(model).eval()
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

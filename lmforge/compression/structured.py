@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
+from lmforge.model.linear import Linear, is_plain_linear
 
 
 @dataclass
@@ -85,8 +86,8 @@ def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
     named = {n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
     named.update({n: getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n)})
     for name, module in named.items():
-        if type(module) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(module).__name__}, not nn.Linear; structured pruning needs plain "
+        if not is_plain_linear(module):
+            raise ValueError(f"{name} is a {type(module).__name__}, not a plain linear; structured pruning needs plain "
                              "linears (merge adapters first with lmforge.training.lora.merge_and_unload)")
     return named
 
@@ -184,9 +185,9 @@ def lowest(scores: list[torch.Tensor], n: int) -> list[list[int]]:
 
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, old: nn.Linear) -> nn.Linear:
-    """A plain nn.Linear over fresh tensors, with the old weight's layout (column-major stays so)."""
+    """A plain (lmforge) Linear over fresh tensors, with the old weight's layout (column-major stays so)."""
     out_features, in_features = weight.shape
-    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear = Linear(in_features, out_features, bias=bias is not None, device="meta")
     column_major = not old.weight.is_contiguous() and old.weight.t().is_contiguous()
     weight = weight.t().contiguous().t() if column_major else weight.contiguous()
     linear.weight = nn.Parameter(weight, requires_grad=old.weight.requires_grad)

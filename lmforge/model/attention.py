@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
+from lmforge.model.linear import Linear
 from lmforge.model.norm import RMSNorm
 from lmforge.model.rope import apply_rope
 
@@ -62,10 +63,10 @@ class Attention(nn.Module):
         self.use_math = config.attn_impl == "math" or self.softcap is not None
         self.use_rope = config.position == "rope"
         q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, q_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
-        self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
+        self.q_proj = Linear(config.n_embd, q_dim, bias=config.bias)
+        self.k_proj = Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.v_proj = Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.o_proj = Linear(q_dim, config.n_embd, bias=config.bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_unit_offset)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_unit_offset)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
+from lmforge.model.linear import Linear
 
 
 class GatedMLP(nn.Module):
@@ -17,9 +18,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.gate_proj = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.geglu = config.mlp == "geglu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +34,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
+from lmforge.generation.fused_decode import run_blocks
 from lmforge.model.attention import Attention, AttentionContext
+from lmforge.model.linear import Linear
 from lmforge.model.masks import attention_mask
 from lmforge.model.mlp import build_mlp
 from lmforge.model.norm import build_norm
@@ -68,10 +70,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fused_decode = True  # decode steps run all blocks in one C++ call where they can (fused_decode.py)
 
     def rope_tables(self, kind: str, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables for a layer kind, built lazily and grown by doubling."""
@@ -113,8 +116,12 @@ class Transformer(nn.Module):
             contexts = {kind: self._context(kind, positions, valid, cache, start, T)
                         for kind in set(self.config.layer_types)}
         x = self.embed(input_ids, positions)
-        for layer in self.model.layers:
-            x = layer(x, contexts[layer.layer_type])
+        fused = run_blocks(self, x, cache, contexts) if T == 1 and cache is not None and self.fused_decode else None
+        if fused is not None:  # one decode token per row: all blocks in one C++ call
+            x = fused
+        else:
+            for layer in self.model.layers:
+                x = layer(x, contexts[layer.layer_type])
         if last_only:
             x = x[:, -1:]
         elif output_index is not None:
@@ -175,7 +182,7 @@ def column_major_linears(model: Transformer) -> Transformer:
     """Store every linear weight column-major (same shape and names, transposed strides).
 
     F.linear then calls MKL's GEMV without a transpose, which streams the weights ~1.3x
-    faster at batch 1 on CPU (see docs/benchmarks.md); results are identical.
+    faster at batch 1 on CPU than row-major; results are identical.
     """
     for module in model.modules():
         w = getattr(module, "weight", None)
@@ -184,6 +191,18 @@ def column_major_linears(model: Transformer) -> Transformer:
     if model.config.tie_embeddings:
         model.model.embed_tokens.weight = model.lm_head.weight
     return model
+
+
+def decode_layout(model: Transformer) -> Transformer:
+    """Linear weights in the layout batch-1 decode streams fastest on this machine.
+
+    Row-major (as loaded) for lmforge's GEMV kernel (lmforge/kernels); column-major for MKL's
+    GEMV when the kernel cannot be built or the model is not on the CPU.
+    """
+    from lmforge.kernels import gemv
+
+    on_cpu = model.lm_head.weight.device.type == "cpu"
+    return model if on_cpu and gemv.extension() is not None else column_major_linears(model)
 
 
 def build_model(config: Config, device: torch.device | str = "cpu") -> Transformer:

@@ -1,4 +1,7 @@
-"""Int4 weight-only linear (group-wise round-to-nearest codes) on torch's packed int4 CPU kernel.
+"""Int4 weight-only linear (group-wise round-to-nearest codes) on packed int4 CPU kernels.
+
+Decode (up to 8 rows of fp32 input) runs lmforge's own int4 GEMV (lmforge/kernels/gemv.cpp);
+larger batches, and machines where that kernel cannot be built, run torch's packed int4 kernel.
 
 Codes follow the convention of torch's `_weight_int4pack_mm_for_cpu` kernel (and gpt-fast):
 w_hat = (q - 8) * scale + zero with q in 0..15, one (scale, zero) per output row and group of
@@ -13,9 +16,11 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from lmforge.kernels import gemv
 from lmforge.quantization.lazy_kernel import LazyKernel
 
 GROUP_SIZES = (32, 64, 128)  # the group sizes torch's int4 CPU kernel supports
+GEMV_BLOCK = 32  # lmforge's int4 GEMV packs 32 columns per 16 bytes: it needs in_features % 32 == 0
 KERNEL_N_MULTIPLE = 16  # the CPU kernel packs rows in blocks of 16; other widths are zero-padded
 
 
@@ -107,8 +112,7 @@ class Int4Linear(LazyKernel):
     """A frozen int4 weight-only linear: portable codes in the state_dict, kernel packing built lazily.
 
     Buffers: `qweight` uint8 (N, K // 2) two codes per byte, `scale` and `zero` fp32 (N, ceil(K / group_size)).
-    forward casts x to bf16 for torch's int4 CPU kernel (fp32 input takes a ~30x slower fallback there)
-    and returns x.dtype.
+    forward returns x.dtype; torch's kernel (batches over 8 rows) computes in bf16, lmforge's GEMV in fp32.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
@@ -167,15 +171,12 @@ class Int4Linear(LazyKernel):
         return dequantize_int4(self.codes, self.scale, self.zero, self.group_size)
 
     def kernel_weight(self) -> tuple[Tensor, Tensor]:
-        """(packed int4 weight, bf16 scales_and_zeros (K // g, N, 2)) for the CPU kernel, built on first use.
+        """(packed int4 weight, bf16 scales_and_zeros (K // g, N, 2)) for torch's kernel, built on first use.
 
         Call reset_kernel() after editing the buffers in place (loading and .to() do it themselves).
         """
-        if self._kernel_cache is None:
-            if self.qweight.device.type != "cpu":
-                raise RuntimeError(f"Int4Linear has a kernel only on the CPU (torch.ops.aten._weight_int4pack_mm_"
-                                   f"for_cpu); weights are on {self.qweight.device}; move the model to the CPU "
-                                   f"or use nf4 there")
+        cache = self._packings()
+        if "torch" not in cache:
             convert, _ = _cpu_kernel_ops()
             pad = (-self.out_features) % KERNEL_N_MULTIPLE  # extra rows of zero weight, sliced off the output
             codes = pad_columns(self.codes.to(torch.int32), self.padded_in, mode="code8")  # ragged last group
@@ -183,14 +184,35 @@ class Int4Linear(LazyKernel):
             scale, zero = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (self.scale, self.zero))
             packed = convert(codes.contiguous(), 1)  # inner_k_tiles=1
             scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-            self._kernel_cache = (packed, scales_and_zeros)
+            cache["torch"] = (packed, scales_and_zeros)
+        return cache["torch"]
+
+    def gemv_weight(self) -> Tensor:
+        """The codes in lmforge's GEMV block layout (N, K // 2), built on first use."""
+        cache = self._packings()
+        if "gemv" not in cache:
+            cache["gemv"] = gemv.extension().int4_pack(self.codes)
+        return cache["gemv"]
+
+    def _packings(self) -> dict:
+        if self.qweight.device.type != "cpu":
+            raise RuntimeError(f"Int4Linear has kernels only on the CPU (lmforge's int4 GEMV and torch.ops.aten."
+                               f"_weight_int4pack_mm_for_cpu); weights are on {self.qweight.device}; move the "
+                               f"model to the CPU or use nf4 there")
+        if self._kernel_cache is None:
+            self._kernel_cache = {}
         return self._kernel_cache
 
     def kernel(self, x2d: Tensor) -> Tensor:
-        """x2d (M, K) -> (M, N) in x2d's dtype, on the int4 kernel with bf16 activations."""
+        """x2d (M, K) -> (M, N) in x2d's dtype: lmforge's GEMV for a few rows, else torch's int4 kernel."""
+        if x2d.shape[0] <= gemv.MAX_ROWS and self.in_features % GEMV_BLOCK == 0 and gemv.extension() is not None:
+            packed = self.gemv_weight()
+            y = gemv.extension().int4_linear(x2d.float().contiguous(), packed, self.scale.contiguous(),
+                                             self.zero.contiguous(), self.group_size)
+            return y.to(x2d.dtype)
         packed, scales_and_zeros = self.kernel_weight()
         _, mm = _cpu_kernel_ops()
-        xb = x2d.to(torch.bfloat16)
+        xb = x2d.to(torch.bfloat16)  # fp32 input takes a ~30x slower fallback in torch's kernel
         if self.padded_in != self.in_features:  # zero inputs for the ragged group's padding columns
             xb = nn.functional.pad(xb, (0, self.padded_in - self.in_features))
         y = mm(xb, packed, self.group_size, scales_and_zeros)  # (M, N padded)

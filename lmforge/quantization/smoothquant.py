@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmforge.model.linear import is_plain_linear
 from lmforge.model.norm import RMSNorm
 from lmforge.model.transformer import Transformer
 from lmforge.quantization.calibration import check_calibration, untie_lm_head
@@ -101,7 +102,7 @@ def activation_max(model: Transformer, names: list[str], calibration: list[Tenso
 def _check_linears(model: Transformer, group: SmoothGroup) -> list[nn.Linear]:
     linears = [model.get_submodule(n) for n in group.linears]
     for name, lin in zip(group.linears, linears):
-        if type(lin) is not nn.Linear:
+        if not is_plain_linear(lin):
             raise ValueError(f"{name} is a {type(lin).__name__}; smooth the float model before quantizing it")
     return linears
 
@@ -119,7 +120,7 @@ def _fold_into_source(model: Transformer, source: str, s: Tensor) -> None:
         module.weight.add_(1.0).div_(s).sub_(1.0)
     elif isinstance(module, (RMSNorm, nn.LayerNorm)):
         module.weight.div_(s)
-    elif type(module) is nn.Linear:
+    elif is_plain_linear(module):
         module.weight.div_(s[:, None])
     else:
         raise ValueError(f"{source} is a {type(module).__name__}; cannot fold a smoothing scale into it")

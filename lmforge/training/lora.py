@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.linear import Linear
 from lmforge.quantization.nf4 import BLOCK_SIZE, NF4Linear
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -279,11 +280,11 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every adapter layer by a plain nn.Linear holding the merged weight (for export)."""
+    """Replace every adapter layer by a plain (lmforge) Linear holding the merged weight (for export)."""
     def unwrap(module: nn.Module, prefix: str = "") -> None:
         for name, child in module.named_children():
             if isinstance(child, LoRALinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear = Linear(child.in_features, child.out_features, bias=child.bias is not None)
                 linear.weight = nn.Parameter(child.merged_weight() if not child.merged else child.weight.detach(),
                                              requires_grad=False)
                 if child.bias is not None:
@@ -296,7 +297,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if isinstance(getattr(getattr(model, "model", None), "embed_tokens", None), FrozenEmbedding):
         table = model.model.embed_tokens.weight.float()
         model.model.embed_tokens = nn.Embedding.from_pretrained(table, freeze=True)
-        model.lm_head = nn.Linear(table.shape[1], table.shape[0], bias=False)
+        model.lm_head = Linear(table.shape[1], table.shape[0], bias=False)
         model.lm_head.weight = model.model.embed_tokens.weight
     if hasattr(model, "lora_config"):
         del model.lora_config

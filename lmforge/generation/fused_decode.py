@@ -1,0 +1,153 @@
+"""Fused decode step: every block for one new token per sequence in a single C++ call.
+
+A batch-1 decode step of SmolLM2 is ~900 small PyTorch ops; on the CPU their launch cost is
+larger than the weight reads once the matrix products run on lmforge's GEMV kernels. This
+module turns a Transformer into a `Plan` for lmforge/kernels/decode.cpp (the same block, as
+loops) and runs it when the step qualifies: one token per row, at most 8 rows, no padding in
+the static KV cache, no autograd, fp32 CPU weights that are plain or int4 linears, an RMSNorm
++ RoPE + gated-MLP architecture. Anything else takes the PyTorch modules, unchanged. The plan
+is rebuilt whenever a module or weight it read was replaced (quantizing, LoRA, loading).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+
+from lmforge.kernels import gemv
+from lmforge.model.linear import is_plain_linear
+from lmforge.model.norm import RMSNorm
+
+LINEARS = (("self_attn", "q_proj", "q"), ("self_attn", "k_proj", "k"), ("self_attn", "v_proj", "v"),
+           ("self_attn", "o_proj", "o"), ("mlp", "gate_proj", "gate"), ("mlp", "up_proj", "up"),
+           ("mlp", "down_proj", "down"))
+NORMS = (("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_attention_norm"),
+         ("pre_feedforward_layernorm", "pre_feedforward_norm"), ("post_feedforward_layernorm", "post_feedforward_norm"))
+
+
+def supported_architecture(config) -> bool:
+    """Whether decode.cpp implements this block: RMSNorm, RoPE, SwiGLU/GeGLU, no attention softcap."""
+    return (config.norm == "rmsnorm" and config.position == "rope" and config.mlp in ("swiglu", "geglu")
+            and config.attn_logit_softcap is None and config.n_head % config.n_kv_head == 0)
+
+
+def _fp32_cpu(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
+def _matrix(ext, module: nn.Module):
+    """The kernel's view of a linear module, or None when decode.cpp cannot run it."""
+    from lmforge.quantization.int4 import GEMV_BLOCK, Int4Linear  # quantization imports the model package
+
+    bias = getattr(module, "bias", None)
+    if bias is not None and not _fp32_cpu(bias):
+        return None
+    if is_plain_linear(module) and _fp32_cpu(module.weight):
+        return ext.Matrix.f32(module.weight.detach(), None if bias is None else bias.detach())
+    if type(module) is Int4Linear and module.in_features % GEMV_BLOCK == 0 and module.qweight.device.type == "cpu":
+        return ext.Matrix.int4(module.gemv_weight(), module.scale.contiguous(), module.zero.contiguous(),
+                               module.group_size, None if bias is None else bias.detach())
+    return None
+
+
+def _watch(checks: list, mapping: dict, key: str) -> None:
+    """Record that the plan read mapping[key] (a module's child, parameter or kernel packing)."""
+    checks.append((mapping, key, mapping.get(key)))
+
+
+def watch_list(model) -> list[tuple[dict, str, object]]:
+    """(mapping, key, value) for every module, weight and packing a plan built now would read."""
+    checks: list = []
+    _watch(checks, model.model._modules, "layers")
+    for i, block in enumerate(model.model.layers):
+        _watch(checks, model.model.layers._modules, str(i))
+        for parent, name, _ in LINEARS:
+            holder = block._modules[parent]._modules
+            _watch(checks, holder, name)
+            module = holder[name]
+            _watch(checks, module._parameters, "weight")
+            _watch(checks, module._parameters, "bias")
+            if "_kernel_cache" in module.__dict__:  # Int4Linear: its GEMV packing, dropped on reload
+                _watch(checks, module.__dict__, "_kernel_cache")
+                if isinstance(module.__dict__["_kernel_cache"], dict):
+                    _watch(checks, module.__dict__["_kernel_cache"], "gemv")
+        attn = block._modules["self_attn"]
+        norms = [(block._modules, name) for name, _ in NORMS] + [(attn._modules, "q_norm"), (attn._modules, "k_norm")]
+        for holder, name in norms:
+            _watch(checks, holder, name)
+            if holder.get(name) is not None:
+                _watch(checks, holder[name]._parameters, "weight")
+    return checks
+
+
+def _still_valid(checks: tuple[list, list, list]) -> bool:
+    """Every recorded entry still holds the same object (C-level loop: ~1,300 entries per SmolLM2 step)."""
+    mappings, keys, values = checks
+    return all(map(operator.is_, map(dict.get, mappings, keys), values))
+
+
+def build_plan(model):
+    """A decode.cpp Plan for `model`, or None when some part of it is outside what the kernel runs."""
+    ext = gemv.extension()
+    config = model.config
+    if ext is None or not supported_architecture(config):
+        return None
+    plan = ext.Plan()
+    plan.n_embd, plan.n_head, plan.n_kv_head = config.n_embd, config.n_head, config.n_kv_head
+    plan.head_dim, plan.intermediate, plan.eps = config.head_dim, config.intermediate_size, config.norm_eps
+    plan.attn_scale, plan.unit_offset = config.attn_scale, config.norm_unit_offset
+    plan.geglu, plan.sandwich = config.mlp == "geglu", config.sandwich_norm
+    kinds = sorted(set(config.layer_types))
+    layers = []
+    for block in model.model.layers:
+        layer = ext.Layer()
+        for parent, name, field in LINEARS:
+            matrix = _matrix(ext, getattr(getattr(block, parent), name))
+            if matrix is None:
+                return None
+            setattr(layer, field, matrix)
+        norms = [(getattr(block, name, None), field) for name, field in NORMS]
+        norms += [(block.self_attn.q_norm, "q_norm"), (block.self_attn.k_norm, "k_norm")]
+        for norm, field in norms:
+            if norm is None:
+                continue
+            if type(norm) is not RMSNorm or not _fp32_cpu(norm.weight):
+                return None
+            setattr(layer, field, norm.weight.detach())
+        layer.window = model.window(block.layer_type) or 0
+        layer.rope = kinds.index(block.layer_type)
+        layers.append(layer)
+    plan.layers = layers
+    return plan
+
+
+def plan_for(model):
+    """The model's current plan (cached on it, rebuilt when a part it read was replaced), or None."""
+    if not supported_architecture(model.config):
+        return None
+    cached = model.__dict__.get("_fused_plan")
+    if cached is None or not _still_valid(cached[0]):
+        plan = build_plan(model)  # packs int4 weights first, so the watch list sees the packings
+        cached = (tuple(map(list, zip(*watch_list(model)))), plan)
+        model.__dict__["_fused_plan"] = cached
+    return cached[1]
+
+
+def run_blocks(model, x: torch.Tensor, cache, contexts: dict) -> torch.Tensor | None:
+    """x (B, 1, n_embd) after every block, by decode.cpp; None when this step does not qualify."""
+    B, T, D = x.shape
+    if (T != 1 or B > gemv.MAX_ROWS or torch.is_grad_enabled() or not _fp32_cpu(x)
+            or not all(ctx.mask is None and ctx.cache is cache for ctx in contexts.values())
+            or not all(_fp32_cpu(k) for k in cache.k) or not all(_fp32_cpu(v) for v in cache.v)):
+        return None
+    plan = plan_for(model)
+    if plan is None:
+        return None
+    kinds = sorted(contexts)
+    cos = [contexts[k].rope[0].reshape(B, -1).float().contiguous() for k in kinds]
+    sin = [contexts[k].rope[1].reshape(B, -1).float().contiguous() for k in kinds]
+    start = contexts[kinds[0]].start
+    out = gemv.extension().decode_layers(plan, x.reshape(B, D).contiguous(), cache.k, cache.v, start, cos, sin)
+    return out.view(B, 1, D)

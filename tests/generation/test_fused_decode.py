@@ -1,0 +1,94 @@
+"""The fused C++ decode step against the PyTorch modules it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.config import Config
+from lmforge.generation import fused_decode
+from lmforge.generation.generate import generate_ids
+from lmforge.generation.kv_cache import KVCache
+from lmforge.generation.sampling import SamplingParams
+from lmforge.kernels import gemv
+from lmforge.model.transformer import build_model
+from lmforge.quantization.quantize import QuantConfig, quantize_model
+from lmforge.training.lora import LoRAConfig, apply_lora
+
+pytestmark = pytest.mark.skipif(gemv.extension() is None, reason="lmforge's CPU kernels could not be built here")
+
+
+def decode_logits(model, prompt: torch.Tensor, steps: int, fused: bool) -> torch.Tensor:
+    """Logits of `steps` greedy decode steps after a prefill, with or without the fused step."""
+    model.fused_decode = fused
+    cache = KVCache(model.config, prompt.shape[0], prompt.shape[1] + steps)
+    with torch.inference_mode():
+        logits = model(prompt, cache=cache, last_only=True)
+        out = []
+        for _ in range(steps):
+            logits = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache)
+            out.append(logits)
+    model.fused_decode = True
+    return torch.cat(out, dim=1)
+
+
+def tiny(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(Config.from_name(name)).eval()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_fused_step_equals_the_modules(name):
+    """Gemma 3's QK-norm, sandwich norms, GeGLU and a sliding window (8) the decode runs past."""
+    model = tiny(name)
+    prompt = torch.randint(0, model.config.vocab_size, (3, 6))
+    fused = decode_logits(model, prompt, 16, fused=True)
+    assert fused_decode.plan_for(model) is not None
+    torch.testing.assert_close(fused, decode_logits(model, prompt, 16, fused=False), rtol=1e-4, atol=1e-4)
+
+
+# int4 products may round their inputs to int8 (VNNI): an input differing in the last float bit
+# between the two paths can round to the next int8 step, so int4 logits agree to ~1e-2, not 1e-4.
+INT4_TOLERANCE = dict(rtol=0.02, atol=0.02)
+
+
+def test_fused_step_runs_int4_weights_and_matches_their_modules():
+    model = tiny("tiny-llama")
+    quantize_model(model, QuantConfig(method="int4", group_size=32))
+    prompt = torch.randint(0, 256, (1, 5))
+    fused = decode_logits(model, prompt, 8, fused=True)
+    assert fused_decode.plan_for(model) is not None
+    torch.testing.assert_close(fused, decode_logits(model, prompt, 8, fused=False), **INT4_TOLERANCE)
+
+
+def test_plan_is_rebuilt_when_weights_are_replaced():
+    """Quantizing after a fused decode must not reuse the fp32 plan (stale weights)."""
+    model = tiny("tiny-llama")
+    prompt = torch.randint(0, 256, (1, 5))
+    decode_logits(model, prompt, 2, fused=True)
+    first = fused_decode.plan_for(model)
+    quantize_model(model, QuantConfig(method="int4", group_size=32))
+    fused = decode_logits(model, prompt, 4, fused=True)
+    assert fused_decode.plan_for(model) is not first
+    torch.testing.assert_close(fused, decode_logits(model, prompt, 4, fused=False), **INT4_TOLERANCE)
+
+
+def test_steps_it_cannot_run_take_the_modules():
+    """LoRA-wrapped linears and GPT-2's LayerNorm have no plan; left padding is masked, so no fused step."""
+    lora = apply_lora(tiny("tiny-llama"), LoRAConfig(rank=2))
+    assert fused_decode.build_plan(lora) is None
+    assert fused_decode.build_plan(tiny("tiny-gpt2")) is None
+    model = tiny("tiny-llama")
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    together = generate_ids(model, prompts, params)
+    alone = [generate_ids(model, [p], params)[0] for p in prompts]
+    assert together == alone
+
+
+def test_greedy_generation_is_unchanged_by_the_fused_step():
+    model = tiny("tiny-gemma3", seed=4)
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    fused = generate_ids(model, [[1, 2, 3]], params)
+    model.fused_decode = False
+    assert generate_ids(model, [[1, 2, 3]], params) == fused
