@@ -61,11 +61,7 @@ struct Matrix {
   void block(const float* x, int64_t rows, int64_t n0, float* y, const Int4Input& in) const {
     const int64_t count = std::min(kRows, n - n0);
     if (w) {
-      float tmp[kRows];
-      for (int64_t m = 0; m < rows; ++m) {
-        dot_rows(w + n0 * k, count, k, x + m * k, tmp);
-        std::copy(tmp, tmp + count, y + m * n + n0);
-      }
+      linear_f32_block(x, rows, k, w, n, n0, y);
     } else {
       const int64_t g_count = in.g_count;
       for (int64_t r = n0; r < n0 + count; ++r) int4_row_any(q + r * (k / 2), s + r * g_count, z + r * g_count, in, y + r, n);
@@ -208,19 +204,14 @@ torch::Tensor decode_layers(const Plan& plan, torch::Tensor x, const std::vector
       float* sc = scores.data() + bh * L;
       float top = -INFINITY;
       for (int64_t t = lo; t <= slot; ++t) {
-        float dot = 0;
-        for (int64_t i = 0; i < hd; ++i) dot += qh[i] * keys[t * hd + i];
-        sc[t] = dot * float(plan.attn_scale);
+        sc[t] = dot(qh, keys + t * hd, hd) * float(plan.attn_scale);
         top = std::max(top, sc[t]);
       }
       float total = 0;
       for (int64_t t = lo; t <= slot; ++t) total += (sc[t] = std::exp(sc[t] - top));
       float* oh = attn.data() + bh * hd;
       std::fill_n(oh, hd, 0.f);
-      for (int64_t t = lo; t <= slot; ++t) {
-        const float p = sc[t] / total;
-        for (int64_t i = 0; i < hd; ++i) oh[i] += p * values[t * hd + i];
-      }
+      for (int64_t t = lo; t <= slot; ++t) axpy(sc[t] / total, values + t * hd, oh, hd);
     }
     apply({{&layer.o, out.data()}}, attn.data(), B, scratch);
     if (plan.sandwich) {
