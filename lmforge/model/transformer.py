@@ -76,6 +76,10 @@ class Transformer(nn.Module):
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.fused_decode = True  # decode steps run all blocks in one C++ call where they can (fused_decode.py)
 
+    def _apply(self, *args, **kwargs):  # .to(), .float(), ...: tensors may move, drop the fused decode plan
+        self.__dict__.pop("_fused_plan", None)
+        return super()._apply(*args, **kwargs)
+
     def rope_tables(self, kind: str, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables for a layer kind, built lazily and grown by doubling."""
         cached = self._rope.get(kind)

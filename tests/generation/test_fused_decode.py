@@ -73,6 +73,16 @@ def test_plan_is_rebuilt_when_weights_are_replaced():
     torch.testing.assert_close(fused, decode_logits(model, prompt, 4, fused=False), **INT4_TOLERANCE)
 
 
+def test_plan_is_rebuilt_after_a_dtype_round_trip():
+    """.bfloat16().float() swaps every weight's storage but keeps the Parameter objects."""
+    model = tiny("tiny-llama")
+    prompt = torch.randint(0, 256, (1, 5))
+    decode_logits(model, prompt, 2, fused=True)
+    model.bfloat16().float()
+    torch.testing.assert_close(decode_logits(model, prompt, 4, fused=True),
+                               decode_logits(model, prompt, 4, fused=False), rtol=1e-4, atol=1e-4)
+
+
 def test_steps_it_cannot_run_take_the_modules():
     """LoRA-wrapped linears and GPT-2's LayerNorm have no plan; left padding is masked, so no fused step."""
     lora = apply_lora(tiny("tiny-llama"), LoRAConfig(rank=2))
