@@ -69,7 +69,7 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(self.weight.detach().norm(dim=1))  # (out,)
 
     def _init_base(self, base: nn.Linear, config: LoRAConfig) -> None:
-        """Adopt the base weight as is (column-major strides kept), frozen."""
+        """Adopt the base weight as is (storage and strides kept), frozen."""
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.bias = base.bias
