@@ -112,7 +112,8 @@ class Int4Linear(LazyKernel):
     """A frozen int4 weight-only linear: portable codes in the state_dict, kernel packing built lazily.
 
     Buffers: `qweight` uint8 (N, K // 2) two codes per byte, `scale` and `zero` fp32 (N, ceil(K / group_size)).
-    forward returns x.dtype; torch's kernel (batches over 8 rows) computes in bf16, lmforge's GEMV in fp32.
+    forward returns x.dtype; torch's kernel (batches over 8 rows) computes in bf16, lmforge's GEMV in fp32
+    (with int8-rounded inputs on VNNI CPUs).
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
