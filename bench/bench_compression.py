@@ -309,16 +309,15 @@ def plot(quality: dict, runs: dict, path: Path) -> None:
 
 
 def write_docs(text: str, meta: dict) -> None:
-    docs = ROOT / "docs" / "benchmarks.md"
-    current = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    start, end = "<!-- compression:start -->", "<!-- compression:end -->"
+    from lmforge.benchmark import write_docs_section
+
     group_note = ("; SmolLM2's width 576 is not a multiple of 128, so each row of q/k/v/gate/up ends in a "
                   "narrower group of 64 columns (the kernel sees it zero-padded)") if meta["group_size"] == 128 else ""
     barrier_note = "" if meta["threads"] == 1 else (
         f" On a busy machine engines running {meta['threads']} threads stall at their thread barriers "
         f"(`--threads 1` is steadier there).")
     section = (
-        f"{start}\n## Compression: size, held-out perplexity and decode speed on SmolLM2-135M\n\n"
+        f"## Compression: size, held-out perplexity and decode speed on SmolLM2-135M\n\n"
         f"```bash\n{meta['command']}\n```\n\n"
         f"{meta['date']}, {meta['machine']}; {meta['threads']} thread(s) everywhere; torch {meta['torch']}, "
         f"transformers {meta['transformers']}, llama-cpp-python {meta['llama_cpp']}. Load average (1 min) before "
@@ -345,12 +344,8 @@ def write_docs(text: str, meta: dict) -> None:
         f"(the embedding table only when lm_head reads it), ignoring the KV cache. A speed target counts as met "
         f"only when every round meets it, inconclusive when the rounds fall on both sides.{barrier_note}\n\n"
         f"{text}\n\n![perplexity vs size; decode speed](../bench/results/compression.png)\n\n"
-        f"Raw numbers: `bench/results/compression.json`.\n{end}")
-    if start in current:
-        current = current[:current.index(start)] + section + current[current.index(end) + len(end):]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    docs.write_text(current)
+        f"Raw numbers: `bench/results/compression.json`.")
+    write_docs_section(ROOT / "docs" / "benchmarks.md", "compression", section)
 
 
 def report(meta: dict, quality: dict, runs: dict, write: bool) -> None:

@@ -258,12 +258,11 @@ def table(results: dict, runs: dict, targets: dict, prompt_tokens: int, steps: i
 
 
 def write_docs(text: str, command: str, meta: dict, skipped: list[str]) -> None:
-    docs = ROOT / "docs" / "benchmarks.md"
-    current = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    start, end = "<!-- foundation:start -->", "<!-- foundation:end -->"
+    from lmforge.benchmark import write_docs_section
+
     skipped_line = f"\n\nSkipped (not installed): {', '.join(skipped)}." if skipped else ""
     section = (
-        f"{start}\n## Foundation: load, prefill and decode on SmolLM2-135M\n\n```bash\n{command}\n```\n\n"
+        f"## Foundation: load, prefill and decode on SmolLM2-135M\n\n```bash\n{command}\n```\n\n"
         f"{meta['date']}, {meta['machine']}; {meta['threads']} thread(s) per engine; torch {meta['torch']}, "
         f"transformers {meta['transformers']}, llama-cpp-python {meta['llama_cpp']}. Load average (1 min) "
         f"before the run: {meta['loadavg_before']:.2f}, after: {meta['loadavg_after']:.2f}.\n\n"
@@ -282,12 +281,8 @@ def write_docs(text: str, command: str, meta: dict, skipped: list[str]) -> None:
         f"rounds fall on both sides it is marked inconclusive. When other jobs hold the cores, engines that "
         f"run {meta['threads']} threads stall at their thread barriers, which is where the widest ranges "
         f"come from (`--threads 1` is steadier on a busy machine).{skipped_line}\n\n{text}\n\n"
-        f"Raw numbers per round: `bench/results/foundation.json`.\n{end}")
-    if start in current:
-        current = current[:current.index(start)] + section + current[current.index(end) + len(end):]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    docs.write_text(current)
+        f"Raw numbers per round: `bench/results/foundation.json`.")
+    write_docs_section(ROOT / "docs" / "benchmarks.md", "foundation", section)
 
 
 def machine_meta(args, prompt_tokens: int) -> dict:

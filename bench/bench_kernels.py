@@ -100,11 +100,10 @@ def table(results: dict) -> str:
 
 
 def write_docs(text: str, command: str, meta: dict) -> None:
-    docs = ROOT / "docs" / "benchmarks.md"
-    current = docs.read_text()
-    start, end = "<!-- kernels:start -->", "<!-- kernels:end -->"
+    from lmforge.benchmark import write_docs_section
+
     section = (
-        f"{start}\n## Decode kernels: lmforge's GEMVs vs torch's on SmolLM2-135M's shapes\n\n```bash\n{command}\n"
+        f"## Decode kernels: lmforge's GEMVs vs torch's on SmolLM2-135M's shapes\n\n```bash\n{command}\n"
         f"```\n\n{meta['date']}, {meta['machine']}, {meta['threads']} threads; torch {meta['torch']}; load "
         f"average before: {meta['loadavg']:.2f}.\n\nOne pass runs every linear of SmolLM2-135M once for M rows "
         f"of random input (30 x q, k, v, o, gate, up, down, and the lm_head), the products of one decode step "
@@ -112,12 +111,8 @@ def write_docs(text: str, command: str, meta: dict) -> None:
         f"interleaved rounds of {meta['repeats']} passes, medians; the speed-up is the median of per-round "
         f"ratios. lmforge's int4 kernel rounds its inputs to int8 per 32 columns on VNNI CPUs "
         f"({meta['int8_inputs']} here); torch's computes in bf16.\n\n{text}\n\nRaw numbers: "
-        f"`bench/results/kernels.json`.\n{end}")
-    if start in current:
-        current = current[:current.index(start)] + section + current[current.index(end) + len(end):]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    docs.write_text(current)
+        f"`bench/results/kernels.json`.")
+    write_docs_section(ROOT / "docs" / "benchmarks.md", "kernels", section)
 
 
 def main() -> None:

@@ -363,15 +363,9 @@ def agreement(lm_texts: list[str], peer: dict | None, decode) -> str:
 
 
 def write_docs(text: str, command: str, meta: dict) -> None:
-    docs = ROOT / "docs" / "benchmarks.md"
-    current = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    start, end = "<!-- serving:start -->", "<!-- serving:end -->"
-    section = f"{start}\n{text}\n{end}"
-    if start in current and end in current:
-        current = current[:current.index(start)] + section + current[current.index(end) + len(end):]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    docs.write_text(current)
+    from lmforge.benchmark import write_docs_section
+
+    write_docs_section(ROOT / "docs" / "benchmarks.md", "serving", text)
 
 
 def doc_section(table_text: str, targets: dict, meta: dict, command: str) -> str:

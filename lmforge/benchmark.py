@@ -6,6 +6,7 @@ runs them alone.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -78,3 +79,18 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
     if len(ids) < n:
         raise ValueError(f"benchmark text has only {len(ids)} tokens, fewer than {n}")
     return ids[:n]
+
+
+def write_docs_section(docs: Path, name: str, body: str) -> None:
+    """Put `body` between the `<!-- name:start -->` / `<!-- name:end -->` markers of docs (appended
+    when absent), written to a temp file and renamed so a crash never leaves half a file."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    current = docs.read_text() if docs.exists() else "# Benchmarks\n"
+    section = f"{start}\n{body}\n{end}"
+    if start in current and end in current:
+        current = current[:current.index(start)] + section + current[current.index(end) + len(end):]
+    else:
+        current = current.rstrip() + "\n\n" + section + "\n"
+    tmp = docs.with_name(docs.name + ".tmp")
+    tmp.write_text(current)
+    os.replace(tmp, docs)
