@@ -48,39 +48,10 @@ inline void axpy(float p, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += p * x[i];
 }
 
-// Dot products of `rows` consecutive weight rows r (stride k) with x, written to out[0..rows).
+// Dot products of `rows` consecutive weight rows r (stride k) with x, written to out[0..rows): the
+// last rows of a matrix whose height is not a multiple of 4, and every row without AVX-512.
 inline void dot_rows(const float* r, int64_t rows, int64_t k, const float* x, float* out) {
-#if defined(__AVX512F__)
-  if (rows == kRows) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + i);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + i), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 2 * k + i), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 3 * k + i), xv, a3);
-    }
-    if (i < k) {  // tail: masked loads read only the valid columns
-      const __mmask16 m = static_cast<__mmask16>((1u << (k - i)) - 1);
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + i), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + k + i), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + 2 * k + i), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + 3 * k + i), xv, a3);
-    }
-    out[0] = _mm512_reduce_add_ps(a0);
-    out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2);
-    out[3] = _mm512_reduce_add_ps(a3);
-    return;
-  }
-#endif
-  for (int64_t j = 0; j < rows; ++j) {
-    float s = 0.f;
-    for (int64_t i = 0; i < k; ++i) s += r[j * k + i] * x[i];
-    out[j] = s;
-  }
+  for (int64_t j = 0; j < rows; ++j) out[j] = dot(r + j * k, x, k);
 }
 
 #if defined(__AVX512F__)
