@@ -5,8 +5,10 @@ larger than the weight reads once the matrix products run on lmforge's GEMV kern
 module turns a Transformer into a `Plan` for lmforge/kernels/decode.cpp (the same block, as
 loops) and runs it when the step qualifies: one token per row, at most 8 rows, no padding in
 the static KV cache, no autograd, fp32 CPU weights that are plain or int4 linears, an RMSNorm
-+ RoPE + gated-MLP architecture. Anything else takes the PyTorch modules, unchanged. The plan
-is rebuilt whenever a module or weight it read was replaced (quantizing, LoRA, loading).
++ RoPE + gated-MLP architecture. The serving engine's steps of decodes only run the same way over
+its paged cache (`run_paged`; up to 64 rows when no weight is int4). Anything else takes the
+PyTorch modules, unchanged. The plan is rebuilt whenever a module or weight it read was replaced
+(quantizing, LoRA, loading).
 """
 
 from __future__ import annotations
@@ -151,3 +153,26 @@ def run_blocks(model, x: torch.Tensor, cache, contexts: dict) -> torch.Tensor | 
     start = contexts[kinds[0]].start
     out = gemv.extension().decode_layers(plan, x.reshape(B, D).contiguous(), cache.k, cache.v, start, cos, sin)
     return out.view(B, 1, D)
+
+
+def run_paged(model, x: torch.Tensor, contexts: dict) -> torch.Tensor | None:
+    """x (1, N, n_embd) after every block, by decode.cpp over the serving engine's paged cache, when
+    all N packed tokens are decodes; None when this step does not qualify (prefill chunks, mixed steps)."""
+    from lmforge.serving.model_runner import PagedAttention  # serving imports the model package
+
+    _, N, D = x.shape
+    ctxs = [contexts[kind] for kind in sorted(contexts)]  # in rope-kind order, as build_plan numbers them
+    cache = ctxs[0].cache
+    if (x.shape[0] != 1 or N > gemv.F32_MAX_ROWS or torch.is_grad_enabled() or not _fp32_cpu(x)
+            or not all(type(ctx) is PagedAttention and ctx.plan.decode_only and ctx.cache is cache for ctx in ctxs)
+            or not all(map(_fp32_cpu, cache.k)) or not all(map(_fp32_cpu, cache.v))):
+        return None
+    plan = plan_for(model)
+    if plan is None or (N > gemv.MAX_ROWS and plan.has_int4):  # int4 products take at most 8 rows
+        return None
+    cos = [ctx.rope[0].reshape(N, -1).float().contiguous() for ctx in ctxs]
+    sin = [ctx.rope[1].reshape(N, -1).float().contiguous() for ctx in ctxs]
+    out = gemv.extension().decode_layers_paged(
+        plan, x.view(N, D), cache.k, cache.v, ctxs[0].slot_mapping, [ctx.plan.decode_slots.view(N, -1) for ctx in ctxs],
+        [ctx.plan.decode_lens for ctx in ctxs], cos, sin)
+    return out.view(1, N, D)

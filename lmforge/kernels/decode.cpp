@@ -2,12 +2,14 @@
 //
 // At batch 1 the weights are small enough that an eager PyTorch block spends more time in Python
 // and in launching ~40 tiny ops than in the matrix products (docs/benchmarks.md). This is the same
-// block as lmforge/model (RMSNorm, grouped-query attention with RoPE over the static KV cache,
-// gated MLP, Gemma's QK-norm, sandwich norms and sliding windows) written as plain loops around the
-// GEMV kernels, in the style of llama2.c. lmforge/generation/fused_decode.py decides when it
-// applies and falls back to the PyTorch modules otherwise; tests hold the two equal.
+// block as lmforge/model (RMSNorm, grouped-query attention with RoPE, gated MLP, Gemma's QK-norm,
+// sandwich norms and sliding windows) written as plain loops around the GEMV kernels, in the style
+// of llama2.c, over either the static KV cache (generate) or the serving engine's paged one; the
+// two differ only in where a row's keys live (LayerKV). lmforge/generation/fused_decode.py decides
+// when it applies and falls back to the PyTorch modules otherwise; tests hold the two equal.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -107,7 +109,17 @@ struct Plan {
   double eps = 1e-6, attn_scale = 1.0;
   bool unit_offset = false, geglu = false, sandwich = false;
   std::vector<Layer> layers;
+
+  // Whether any matrix is int4: its products take at most kMaxRows rows of x.
+  bool has_int4() const {
+    for (const Layer& l : layers)
+      for (const Matrix* m : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
+        if (!m->w) return true;
+    return false;
+  }
 };
+
+constexpr int64_t kF32MaxRows = 64;  // gemv.F32_MAX_ROWS: past ~96 rows MKL's blocked GEMM wins
 
 namespace {
 
@@ -142,6 +154,127 @@ float activation(float g, bool geglu) {
   return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g)));
 }
 
+// The cache slots a layer attends to for each row: a padded slot table per row (the paged cache),
+// or one run of consecutive slots shared by every row (the static cache).
+struct KeySlots {
+  const int64_t* table = nullptr;  // (B, width) row-major, or null: slots first, first + 1, ...
+  const int64_t* lens = nullptr;   // (B,) valid keys of each row, or null: `count` for every row
+  int64_t width = 0, first = 0, count = 0;
+
+  int64_t slot(int64_t b, int64_t t) const { return table ? table[b * width + t] : first + t; }
+  int64_t len(int64_t b) const { return lens ? lens[b] : count; }
+};
+
+// One layer's keys and values as the step addresses them: the key of (row b, head group g) at
+// cache slot s starts at k + b * row_stride + s * slot_stride + g * head_stride (values alike in v).
+struct LayerKV {
+  float *k, *v;
+  int64_t row_stride, slot_stride, head_stride;
+  const int64_t* new_slots;  // (B,) the slot each row's new key and value go to
+  KeySlots keys;
+
+  int64_t at(int64_t b, int64_t s, int64_t g) const { return b * row_stride + s * slot_stride + g * head_stride; }
+};
+
+// Work buffers of one step, sized once for B rows and `keys` keys per row and reused by every layer.
+struct Scratch {
+  std::vector<float> h, q, k, v, attn, out, gate, up, scores;
+  Int4Input in[3];
+  int64_t keys;
+
+  Scratch(const Plan& p, int64_t B, int64_t keys)
+      : h(B * p.n_embd), q(B * p.n_head * p.head_dim), k(B * p.n_kv_head * p.head_dim),
+        v(B * p.n_kv_head * p.head_dim), attn(B * p.n_head * p.head_dim), out(B * p.n_embd),
+        gate(B * p.intermediate), up(B * p.intermediate), scores(B * p.n_head * keys), keys(keys) {}
+};
+
+// softmax(q k^T * scale) v for every (row, head) of q (B, H, hd) into out, over the keys kv lists.
+void attend(const Plan& plan, const LayerKV& kv, int64_t B, const float* q, Scratch& s, float* out) {
+  const int64_t H = plan.n_head, hd = plan.head_dim, group_heads = H / plan.n_kv_head;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, g = (bh % H) / group_heads, n = kv.keys.len(b);
+    const float* qh = q + bh * hd;
+    float* sc = s.scores.data() + bh * s.keys;
+    float top = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) {
+      sc[t] = dot(qh, kv.k + kv.at(b, kv.keys.slot(b, t), g), hd) * float(plan.attn_scale);
+      top = std::max(top, sc[t]);
+    }
+    float total = 0;
+    for (int64_t t = 0; t < n; ++t) total += (sc[t] = std::exp(sc[t] - top));
+    float* oh = out + bh * hd;
+    std::fill_n(oh, hd, 0.f);
+    for (int64_t t = 0; t < n; ++t) axpy(sc[t] / total, kv.v + kv.at(b, kv.keys.slot(b, t), g), oh, hd);
+  }
+}
+
+// One block for the B rows of x (updated in place); cos/sin (B, hd) at each row's position.
+void layer_step(const Plan& plan, const Layer& layer, float* x, int64_t B, const LayerKV& kv, const float* cos,
+                const float* sin, Scratch& s) {
+  const int64_t D = plan.n_embd, H = plan.n_head, KV = plan.n_kv_head, hd = plan.head_dim;
+  const int64_t F = plan.intermediate;
+  rms_norm(x, B, D, layer.input_norm, plan.eps, plan.unit_offset, s.h.data());
+  apply({{&layer.q, s.q.data()}, {&layer.k, s.k.data()}, {&layer.v, s.v.data()}}, s.h.data(), B, s.in);
+  if (layer.q_norm.defined()) {
+    rms_norm(s.q.data(), B * H, hd, layer.q_norm, plan.eps, plan.unit_offset, s.q.data());
+    rms_norm(s.k.data(), B * KV, hd, layer.k_norm, plan.eps, plan.unit_offset, s.k.data());
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    rope(s.q.data() + b * H * hd, H, hd, cos + b * hd, sin + b * hd);
+    rope(s.k.data() + b * KV * hd, KV, hd, cos + b * hd, sin + b * hd);
+    for (int64_t g = 0; g < KV; ++g) {
+      std::copy_n(s.k.data() + (b * KV + g) * hd, hd, kv.k + kv.at(b, kv.new_slots[b], g));
+      std::copy_n(s.v.data() + (b * KV + g) * hd, hd, kv.v + kv.at(b, kv.new_slots[b], g));
+    }
+  }
+  attend(plan, kv, B, s.q.data(), s, s.attn.data());
+  apply({{&layer.o, s.out.data()}}, s.attn.data(), B, s.in);
+  float* out = s.out.data();
+  if (plan.sandwich) {
+    rms_norm(out, B, D, layer.post_attention_norm, plan.eps, plan.unit_offset, out);
+    for (int64_t i = 0; i < B * D; ++i) x[i] += out[i];
+    rms_norm(x, B, D, layer.pre_feedforward_norm, plan.eps, plan.unit_offset, s.h.data());
+  } else {
+    for (int64_t i = 0; i < B * D; ++i) x[i] += out[i];
+    rms_norm(x, B, D, layer.post_attention_norm, plan.eps, plan.unit_offset, s.h.data());
+  }
+  apply({{&layer.gate, s.gate.data()}, {&layer.up, s.up.data()}}, s.h.data(), B, s.in);
+  for (int64_t i = 0; i < B * F; ++i) s.gate[i] = activation(s.gate[i], plan.geglu) * s.up[i];
+  apply({{&layer.down, out}}, s.gate.data(), B, s.in);
+  if (plan.sandwich) rms_norm(out, B, D, layer.post_feedforward_norm, plan.eps, plan.unit_offset, out);
+  for (int64_t i = 0; i < B * D; ++i) x[i] += out[i];
+}
+
+// Whether t is a contiguous int64 CPU tensor whose entries lie in [lo, hi] (indices the loops trust).
+bool all_in(const torch::Tensor& t, int64_t lo, int64_t hi) {
+  if (!t.device().is_cpu() || t.scalar_type() != torch::kInt64 || !t.is_contiguous()) return false;
+  const int64_t* p = t.data_ptr<int64_t>();
+  return std::all_of(p, p + t.numel(), [=](int64_t i) { return lo <= i && i <= hi; });
+}
+
+// The checks both entry points share: x (B, n_embd), one K and V cache per layer, cos/sin per rope kind.
+void check_step(const Plan& plan, const torch::Tensor& x, const std::vector<torch::Tensor>& k_cache,
+                const std::vector<torch::Tensor>& v_cache, const std::vector<torch::Tensor>& cos,
+                const std::vector<torch::Tensor>& sin) {
+  const int64_t B = x.size(0), hd = plan.head_dim;
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 &&
+                  x.size(1) == plan.n_embd,
+              "x must be contiguous fp32 CPU (B, n_embd)");
+  TORCH_CHECK(!plan.layers.empty() && k_cache.size() == plan.layers.size() && v_cache.size() == plan.layers.size(),
+              "one key and one value cache per layer");
+  for (const auto& c : k_cache) TORCH_CHECK(c.device().is_cpu(), "KV caches must be on the CPU");
+  for (const auto& c : v_cache) TORCH_CHECK(c.device().is_cpu(), "KV caches must be on the CPU");
+  TORCH_CHECK(cos.size() == sin.size(), "one cos and one sin table per rope kind");
+  for (const Layer& layer : plan.layers)
+    TORCH_CHECK(layer.rope >= 0 && layer.rope < int64_t(cos.size()), "no cos/sin for rope kind ", layer.rope);
+  for (const auto* tables : {&cos, &sin})
+    for (const auto& t : *tables)
+      TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.dim() == 2 && t.size(0) == B &&
+                      t.size(1) == hd,
+                  "cos and sin must be contiguous fp32 (B, head_dim)");
+}
+
 }  // namespace
 
 // Run every block for one new token per row: x (B, n_embd), the output of the embedding, is
@@ -150,83 +283,69 @@ float activation(float g, bool geglu) {
 torch::Tensor decode_layers(const Plan& plan, torch::Tensor x, const std::vector<torch::Tensor>& k_cache,
                             const std::vector<torch::Tensor>& v_cache, int64_t slot, const std::vector<torch::Tensor>& cos,
                             const std::vector<torch::Tensor>& sin) {
-  const int64_t B = x.size(0), D = plan.n_embd, H = plan.n_head, KV = plan.n_kv_head, hd = plan.head_dim;
-  const int64_t F = plan.intermediate, n_layers = static_cast<int64_t>(plan.layers.size());
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.size(1) == D,
-              "x must be contiguous fp32 (B, n_embd)");
+  check_step(plan, x, k_cache, v_cache, cos, sin);
+  const int64_t B = x.size(0), KV = plan.n_kv_head, hd = plan.head_dim;
   TORCH_CHECK(B >= 1 && B <= kMaxRows, "the fused decode step takes 1 to ", kMaxRows, " rows, got ", B);
-  TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == n_layers && static_cast<int64_t>(v_cache.size()) == n_layers,
-              "one key and one value cache per layer");
   const int64_t L = k_cache[0].size(2);
   TORCH_CHECK(slot >= 0 && slot < L, "cache slot ", slot, " is outside the cache of ", L, " slots");
-  for (int64_t i = 0; i < n_layers; ++i)
-    for (const auto* c : {&k_cache[i], &v_cache[i]})
-      TORCH_CHECK(c->scalar_type() == torch::kFloat32 && c->is_contiguous() && c->size(0) == B && c->size(1) == KV &&
-                      c->size(2) == L && c->size(3) == hd,
+  for (const auto* caches : {&k_cache, &v_cache})
+    for (const auto& c : *caches)
+      TORCH_CHECK(c.scalar_type() == torch::kFloat32 && c.is_contiguous() && c.dim() == 4 && c.size(0) == B &&
+                      c.size(1) == KV && c.size(2) == L && c.size(3) == hd,
                   "KV caches must be contiguous fp32 (B, n_kv_head, max_len, head_dim)");
-  for (const auto& t : cos) TORCH_CHECK(t.is_contiguous() && t.size(0) == B && t.size(1) == hd, "cos must be (B, hd)");
-  for (const auto& t : sin) TORCH_CHECK(t.is_contiguous() && t.size(0) == B && t.size(1) == hd, "sin must be (B, hd)");
-
-  std::vector<float> h(B * D), q(B * H * hd), k(B * KV * hd), v(B * KV * hd), attn(B * H * hd), out(B * D);
-  std::vector<float> gate(B * F), up(B * F);
-  Int4Input scratch[3];
-  std::vector<float> scores(B * H * L);
-  float* xp = x.data_ptr<float>();
-  const int64_t group_heads = H / KV;
-
-  for (int64_t li = 0; li < n_layers; ++li) {
+  const std::vector<int64_t> new_slots(B, slot);
+  Scratch s(plan, B, L);
+  for (size_t li = 0; li < plan.layers.size(); ++li) {  // (B, n_kv_head, L, hd): row b reads slots lo..slot
     const Layer& layer = plan.layers[li];
-    rms_norm(xp, B, D, layer.input_norm, plan.eps, plan.unit_offset, h.data());
-    apply({{&layer.q, q.data()}, {&layer.k, k.data()}, {&layer.v, v.data()}}, h.data(), B, scratch);
-    if (layer.q_norm.defined()) {
-      rms_norm(q.data(), B * H, hd, layer.q_norm, plan.eps, plan.unit_offset, q.data());
-      rms_norm(k.data(), B * KV, hd, layer.k_norm, plan.eps, plan.unit_offset, k.data());
-    }
-    float* kc = k_cache[li].data_ptr<float>();
-    float* vc = v_cache[li].data_ptr<float>();
     const int64_t lo = layer.window ? std::max<int64_t>(0, slot + 1 - layer.window) : 0;
-    for (int64_t b = 0; b < B; ++b) {
-      const float* c = cos[layer.rope].data_ptr<float>() + b * hd;
-      const float* s = sin[layer.rope].data_ptr<float>() + b * hd;
-      rope(q.data() + b * H * hd, H, hd, c, s);
-      rope(k.data() + b * KV * hd, KV, hd, c, s);
-      for (int64_t g = 0; g < KV; ++g) {
-        std::copy_n(k.data() + (b * KV + g) * hd, hd, kc + ((b * KV + g) * L + slot) * hd);
-        std::copy_n(v.data() + (b * KV + g) * hd, hd, vc + ((b * KV + g) * L + slot) * hd);
-      }
-    }
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-    for (int64_t bh = 0; bh < B * H; ++bh) {  // softmax(q k^T * scale) v for one (row, head)
-      const int64_t b = bh / H, g = (bh % H) / group_heads;
-      const float* qh = q.data() + bh * hd;
-      const float* keys = kc + (b * KV + g) * L * hd;
-      const float* values = vc + (b * KV + g) * L * hd;
-      float* sc = scores.data() + bh * L;
-      float top = -INFINITY;
-      for (int64_t t = lo; t <= slot; ++t) {
-        sc[t] = dot(qh, keys + t * hd, hd) * float(plan.attn_scale);
-        top = std::max(top, sc[t]);
-      }
-      float total = 0;
-      for (int64_t t = lo; t <= slot; ++t) total += (sc[t] = std::exp(sc[t] - top));
-      float* oh = attn.data() + bh * hd;
-      std::fill_n(oh, hd, 0.f);
-      for (int64_t t = lo; t <= slot; ++t) axpy(sc[t] / total, values + t * hd, oh, hd);
-    }
-    apply({{&layer.o, out.data()}}, attn.data(), B, scratch);
-    if (plan.sandwich) {
-      rms_norm(out.data(), B, D, layer.post_attention_norm, plan.eps, plan.unit_offset, out.data());
-      for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
-      rms_norm(xp, B, D, layer.pre_feedforward_norm, plan.eps, plan.unit_offset, h.data());
-    } else {
-      for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
-      rms_norm(xp, B, D, layer.post_attention_norm, plan.eps, plan.unit_offset, h.data());
-    }
-    apply({{&layer.gate, gate.data()}, {&layer.up, up.data()}}, h.data(), B, scratch);
-    for (int64_t i = 0; i < B * F; ++i) gate[i] = activation(gate[i], plan.geglu) * up[i];
-    apply({{&layer.down, out.data()}}, gate.data(), B, scratch);
-    if (plan.sandwich) rms_norm(out.data(), B, D, layer.post_feedforward_norm, plan.eps, plan.unit_offset, out.data());
-    for (int64_t i = 0; i < B * D; ++i) xp[i] += out[i];
+    const LayerKV kv{k_cache[li].data_ptr<float>(), v_cache[li].data_ptr<float>(), KV * L * hd, hd, L * hd,
+                     new_slots.data(), {nullptr, nullptr, 0, lo, slot + 1 - lo}};
+    layer_step(plan, layer, x.data_ptr<float>(), B, kv, cos[layer.rope].data_ptr<float>(),
+               sin[layer.rope].data_ptr<float>(), s);
+  }
+  return x;
+}
+
+// The same step over the serving engine's paged cache, k_cache/v_cache (S, n_kv_head, head_dim) per
+// layer: row b's new key and value go to slot new_slots[b]; with the rope kind r of a layer, it
+// attends to the first key_lens[r][b] slots of key_slots[r][b] (padded tables, the window applied).
+torch::Tensor decode_layers_paged(const Plan& plan, torch::Tensor x, const std::vector<torch::Tensor>& k_cache,
+                                  const std::vector<torch::Tensor>& v_cache, const torch::Tensor& new_slots,
+                                  const std::vector<torch::Tensor>& key_slots,
+                                  const std::vector<torch::Tensor>& key_lens, const std::vector<torch::Tensor>& cos,
+                                  const std::vector<torch::Tensor>& sin) {
+  check_step(plan, x, k_cache, v_cache, cos, sin);
+  const int64_t B = x.size(0), KV = plan.n_kv_head, hd = plan.head_dim;
+  const bool int4 = plan.has_int4();
+  TORCH_CHECK(B >= 1 && B <= (int4 ? kMaxRows : kF32MaxRows), "the paged fused decode step takes 1 to ",
+              int4 ? kMaxRows : kF32MaxRows, " rows", int4 ? " with int4 weights" : "", ", got ", B);
+  const int64_t S = k_cache[0].size(0);
+  for (const auto* caches : {&k_cache, &v_cache})
+    for (const auto& c : *caches)
+      TORCH_CHECK(c.scalar_type() == torch::kFloat32 && c.is_contiguous() && c.dim() == 3 && c.size(0) == S &&
+                      c.size(1) == KV && c.size(2) == hd,
+                  "paged KV caches must be contiguous fp32 (slots, n_kv_head, head_dim)");
+  TORCH_CHECK(new_slots.dim() == 1 && new_slots.size(0) == B && all_in(new_slots, 0, S - 1),
+              "new_slots must be contiguous int64 CPU (B,) slots of the cache");
+  TORCH_CHECK(key_slots.size() == cos.size() && key_lens.size() == cos.size(), "one key table per rope kind");
+  int64_t width = 1;
+  for (size_t r = 0; r < key_slots.size(); ++r) {
+    const auto &table = key_slots[r], &lens = key_lens[r];
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == B && all_in(table, 0, S - 1),
+                "key_slots must be contiguous int64 CPU (B, L) slots of the cache");
+    TORCH_CHECK(lens.dim() == 1 && lens.size(0) == B && all_in(lens, 1, table.size(1)),
+                "key_lens must be contiguous int64 CPU (B,) counts in [1, L]");
+    width = std::max(width, table.size(1));
+  }
+  Scratch s(plan, B, width);
+  for (size_t li = 0; li < plan.layers.size(); ++li) {  // (S, n_kv_head, hd): rows share one pool of slots
+    const Layer& layer = plan.layers[li];
+    const auto& table = key_slots[layer.rope];
+    const LayerKV kv{k_cache[li].data_ptr<float>(), v_cache[li].data_ptr<float>(), 0, KV * hd, hd,
+                     new_slots.data_ptr<int64_t>(),
+                     {table.data_ptr<int64_t>(), key_lens[layer.rope].data_ptr<int64_t>(), table.size(1), 0, 0}};
+    layer_step(plan, layer, x.data_ptr<float>(), B, kv, cos[layer.rope].data_ptr<float>(),
+               sin[layer.rope].data_ptr<float>(), s);
   }
   return x;
 }
@@ -256,10 +375,14 @@ void register_decode(py::module_& m) {
       .def_readwrite("intermediate", &Plan::intermediate).def_readwrite("eps", &Plan::eps)
       .def_readwrite("attn_scale", &Plan::attn_scale).def_readwrite("unit_offset", &Plan::unit_offset)
       .def_readwrite("geglu", &Plan::geglu).def_readwrite("sandwich", &Plan::sandwich)
-      .def_readwrite("layers", &Plan::layers);
+      .def_readwrite("layers", &Plan::layers)
+      .def_property_readonly("has_int4", &Plan::has_int4);
   m.def("decode_layers", &decode_layers, "every block for one new token per row, over the static KV cache",
         py::arg("plan"), py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot"), py::arg("cos"),
         py::arg("sin"));
+  m.def("decode_layers_paged", &decode_layers_paged, "every block for one new token per row, over the paged KV cache",
+        py::arg("plan"), py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("new_slots"),
+        py::arg("key_slots"), py::arg("key_lens"), py::arg("cos"), py::arg("sin"));
 }
 
 }  // namespace lmforge

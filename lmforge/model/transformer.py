@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.generation.fused_decode import run_blocks
+from lmforge.generation.fused_decode import run_blocks, run_paged
 from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.linear import Linear
 from lmforge.model.masks import attention_mask
@@ -114,13 +114,18 @@ class Transformer(nn.Module):
         if int(positions.max()) >= self.config.block_size:
             raise ValueError(f"position {int(positions.max())} is past the context length "
                              f"{self.config.block_size}; shorten the prompt or max_new_tokens")
+        paged = contexts is not None and cache is None  # the serving engine's step over its paged cache
         if contexts is None:
             if cache is not None:
                 cache.reserve(positions, valid if valid is not None else torch.ones_like(positions, dtype=torch.bool))
             contexts = {kind: self._context(kind, positions, valid, cache, start, T)
                         for kind in set(self.config.layer_types)}
         x = self.embed(input_ids, positions)
-        fused = run_blocks(self, x, cache, contexts) if T == 1 and cache is not None and self.fused_decode else None
+        fused = None
+        if self.fused_decode and T == 1 and cache is not None:
+            fused = run_blocks(self, x, cache, contexts)
+        elif self.fused_decode and paged:
+            fused = run_paged(self, x, contexts)
         if fused is not None:  # one decode token per row: all blocks in one C++ call
             x = fused
         else:

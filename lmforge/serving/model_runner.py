@@ -62,6 +62,7 @@ class KindPlan:
     num_decode: int  # Bd
     decode_len: int  # L: keys per decode query, padded to the longest
     decode_slots: torch.Tensor  # (Bd * L,) cache slots of their keys, row by row, padded with slot 0
+    decode_lens: torch.Tensor  # (Bd,) how many of each row's L slots are keys, on the CPU (for decode.cpp)
     decode_mask: torch.Tensor | None  # (Bd, 1, 1, L) False at padding, or None when none padded
     decode_only: bool  # every packed token is a decode query (the output is a view of theirs)
     prefills: list[Prefill] = field(default_factory=list)
@@ -145,8 +146,8 @@ class ModelRunner:
         return StepLayout(tables, starts, list(batch.num_tokens), offsets, decodes)
 
     def _decode_plan(self, layout: StepLayout, window: int | None
-                     ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-        """Slots (Bd * L,) and mask of every decode query's keys; a sliding window trims the oldest."""
+                     ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None]:
+        """Slots (Bd * L,), key counts and mask of every decode query's keys; a sliding window trims the oldest."""
         d = layout.decodes
         ends = torch.tensor([layout.starts[i] + 1 for i in d], dtype=torch.long)
         lo = (ends - window).clamp(min=0) if window else torch.zeros_like(ends)  # keys the window still sees
@@ -156,7 +157,7 @@ class ModelRunner:
         positions = (lo[:, None] + torch.arange(length)[None]).masked_fill(~valid, 0)
         slots = self._slots(layout.tables[d], positions).masked_fill(~valid, 0)
         mask = None if bool(valid.all()) else valid[:, None, None, :]
-        return slots.view(-1), length, mask
+        return slots.view(-1), length, lens, mask
 
     def _prefill_plan(self, layout: StepLayout, i: int, window: int | None) -> Prefill:
         """Key slots and mask of prefill chunk `i` (its queries see the cache up to themselves)."""
@@ -174,14 +175,15 @@ class ModelRunner:
     def _plan(self, layout: StepLayout, window: int | None) -> KindPlan:
         d, dev = layout.decodes, self.device
         if d:
-            slots, length, mask = self._decode_plan(layout, window)
+            slots, length, lens, mask = self._decode_plan(layout, window)
         else:
-            slots, length, mask = torch.zeros(0, dtype=torch.long), 0, None
+            slots = lens = torch.zeros(0, dtype=torch.long)
+            length, mask = 0, None
         adjacent = not d or d[-1] - d[0] + 1 == len(d)  # decode rows form one packed range
         rows = slice(layout.offsets[d[0]], layout.offsets[d[0]] + len(d)) if d and adjacent else \
             torch.tensor([layout.offsets[i] for i in d], dtype=torch.long, device=dev)
         prefills = [self._prefill_plan(layout, i, window) for i, n in enumerate(layout.counts) if n > 1]
-        return KindPlan(rows, len(d), length, slots.to(dev), None if mask is None else mask.to(dev),
+        return KindPlan(rows, len(d), length, slots.to(dev), lens, None if mask is None else mask.to(dev),
                         len(d) == len(layout.counts), prefills)
 
     def _new_slots(self, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:

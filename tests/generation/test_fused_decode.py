@@ -102,3 +102,29 @@ def test_greedy_generation_is_unchanged_by_the_fused_step():
     fused = generate_ids(model, [[1, 2, 3]], params)
     model.fused_decode = False
     assert generate_ids(model, [[1, 2, 3]], params) == fused
+
+
+def _paged_step(model, rows: int, slot: int = 0):
+    """decode_layers_paged on `rows` rows that each attend to one key at `slot` of a 16-slot cache."""
+    c = model.config
+    caches = [torch.zeros(16, c.n_kv_head, c.head_dim) for _ in range(2 * c.n_layer)]
+    slots = torch.full((rows,), slot)
+    return gemv.extension().decode_layers_paged(
+        fused_decode.plan_for(model), torch.randn(rows, c.n_embd), caches[:c.n_layer], caches[c.n_layer:], slots,
+        [slots[:, None]], [torch.ones(rows, dtype=torch.long)], [torch.ones(rows, c.head_dim)],
+        [torch.zeros(rows, c.head_dim)])
+
+
+def test_paged_step_refuses_what_it_cannot_run():
+    """int4 products compute at most 8 rows (silently 8 of more), so 9 int4 rows are refused while 9
+    fp32 rows run; a slot outside the cache is refused rather than read."""
+    model = tiny("tiny-llama")
+    assert not fused_decode.plan_for(model).has_int4
+    assert _paged_step(model, 9).shape == (9, model.config.n_embd)
+    with pytest.raises(RuntimeError, match="slots of the cache"):
+        _paged_step(model, 2, slot=16)
+    quantize_model(model, QuantConfig(method="int4", group_size=32))
+    assert fused_decode.plan_for(model).has_int4
+    assert _paged_step(model, 8).shape == (8, model.config.n_embd)
+    with pytest.raises(RuntimeError, match="1 to 8 rows with int4 weights, got 9"):
+        _paged_step(model, 9)

@@ -10,8 +10,15 @@ import torch
 from lmforge.config import Config
 from lmforge.generation.generate import generate_ids
 from lmforge.generation.sampling import SamplingParams
+from lmforge.kernels import gemv
 from lmforge.model.transformer import build_model
+from lmforge.quantization.quantize import QuantConfig, quantize_model
 from lmforge.serving.engine import Engine, EngineConfig
+
+needs_kernels = pytest.mark.skipif(gemv.extension() is None, reason="lmforge's CPU kernels could not be built here")
+# int4 products may round their inputs to int8 (VNNI), so the fused and module paths agree to ~1e-2
+# there (as in tests/generation/test_fused_decode.py)
+INT4_TOLERANCE = dict(rtol=0.02, atol=0.02)
 
 
 class ByteTokenizer:
@@ -172,6 +179,84 @@ def test_abort_before_fork_aborts_siblings(model):
     seqs = engine.add_parallel([1, 2, 3], [SamplingParams(max_new_tokens=5)] * 2)
     engine.abort(seqs[0])
     assert all(s.finish_reason == "abort" for s in seqs) and not engine.has_unfinished()
+
+
+def _fused_step_rows(monkeypatch) -> list[int]:
+    """Rows of each paged fused step (decode_layers_paged call) that runs, so tests see that it ran."""
+    ext = gemv.extension()
+    rows, real = [], ext.decode_layers_paged
+
+    def spy(plan, x, *args):
+        rows.append(x.shape[0])
+        return real(plan, x, *args)
+
+    monkeypatch.setattr(ext, "decode_layers_paged", spy)
+    return rows
+
+
+def _both_paths(engine: Engine) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run every step twice over the same cache, by the modules, then with the fused step allowed
+    (the engine samples from that one); returns the list it fills with (fused, modules) logits."""
+    model, run, pairs = engine.model, engine.runner.run, []
+
+    def run_both(batch):
+        model.fused_decode = False
+        reference, _ = run(batch)
+        model.fused_decode = True
+        logits, sampling = run(batch)
+        pairs.append((logits, reference))
+        return logits, sampling
+
+    engine.runner.run = run_both
+    return pairs
+
+
+def _decode_together(engine: Engine, prompts, max_new: list[int]) -> tuple[list[list[int]], bool]:
+    """Add all requests at once (one prefill step, then decode-only steps) and run them out; returns
+    their output ids and whether some block table ever had a gap (keys in non-adjacent blocks)."""
+    seqs = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, max_new)]
+    gapped = False
+    while engine.has_unfinished():
+        engine.step()
+        gapped |= any(b != a + 1 for s in seqs for a, b in zip(s.block_table, s.block_table[1:]))
+    return [s.output_ids for s in seqs], gapped
+
+
+@needs_kernels
+def test_decode_steps_run_fused_over_the_paged_cache(model, monkeypatch):
+    """12 sequences of different lengths in 4-slot blocks, decoding past Gemma 3's window of 8 and
+    finishing one by one: every decode-only step (12 rows down to 1) equals the modules' step."""
+    rows = _fused_step_rows(monkeypatch)
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=256, prefix_caching=False))
+    pairs = _both_paths(engine)
+    prompts, max_new = _prompts(12, seed=5), [4 + 2 * i for i in range(12)]
+    outputs, gapped = _decode_together(engine, prompts, max_new)
+    assert gapped and max(rows) == 12 and min(rows) == 1 and len(rows) == len(pairs) - 1  # all but the prefill
+    for fused, reference in pairs:
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+    model.fused_decode = False  # the reference: each request alone through the modules' static-cache path
+    try:
+        alone = [generate_ids(model, [p], SamplingParams(max_new_tokens=n, temperature=0))[0]
+                 for p, n in zip(prompts, max_new)]
+    finally:
+        model.fused_decode = True
+    assert outputs == alone
+
+
+@needs_kernels
+def test_int4_decode_steps_run_fused_up_to_8_sequences(monkeypatch):
+    """int4 products take at most 8 rows: of 10 sequences finishing one by one, the steps of 9 or 10
+    take the modules and the later ones (8 rows down to 1) the fused step; each equals the modules'."""
+    torch.manual_seed(0)
+    net = quantize_model(build_model(Config.from_name("tiny-llama")).eval(), QuantConfig(method="int4", group_size=32))
+    rows = _fused_step_rows(monkeypatch)
+    engine = Engine(net, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=256, prefix_caching=False))
+    pairs = _both_paths(engine)
+    _decode_together(engine, _prompts(10, seed=6), [3 + 2 * i for i in range(10)])
+    assert max(rows) == 8 and min(rows) == 1
+    assert any(len(fused) > 8 for fused, _ in pairs[1:])  # decode steps of more than 8 ran, by the modules
+    for fused, reference in pairs:
+        torch.testing.assert_close(fused, reference, **INT4_TOLERANCE)
 
 
 def test_async_engine_lets_a_new_request_in_while_another_runs():
