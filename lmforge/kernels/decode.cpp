@@ -19,6 +19,12 @@
 
 namespace lmforge {
 
+// The rows of x as one matrix's products read them: transposed for fp32, int8-rounded for int4.
+struct MatrixInput {
+  F32Input f32;
+  Int4Input int4;
+};
+
 // One linear layer as the step reads it: fp32 weight (N, K), or int4 codes in gemv.h's layout.
 struct Matrix {
   torch::Tensor weight, packed, scale, zero, bias;  // kept alive here; the loops use the raw pointers
@@ -59,14 +65,20 @@ struct Matrix {
     }
   }
 
-  // Rows [n0, n0 + kRows) of y (rows, n) = x (rows, k) @ W^T; in: x prepared for int4 (int4 only).
-  void block(const float* x, int64_t rows, int64_t n0, float* y, const Int4Input& in) const {
+  void prepare(const float* x, int64_t rows, MatrixInput& in) const {
+    if (w) in.f32.prepare(x, rows, k);
+    else in.int4.prepare(x, rows, k, group);
+  }
+
+  // Rows [n0, n0 + kRows) of y (rows, n) = x (rows, k) @ W^T for x prepared by prepare().
+  void block(int64_t rows, int64_t n0, float* y, const MatrixInput& in) const {
     const int64_t count = std::min(kRows, n - n0);
     if (w) {
-      linear_f32_block(x, rows, k, w, n, n0, y);
+      linear_f32_block(in.f32, w, n, n0, y);
     } else {
-      const int64_t g_count = in.g_count;
-      for (int64_t r = n0; r < n0 + count; ++r) int4_row_any(q + r * (k / 2), s + r * g_count, z + r * g_count, in, y + r, n);
+      const int64_t g_count = in.int4.g_count;
+      for (int64_t r = n0; r < n0 + count; ++r)
+        int4_row_any(q + r * (k / 2), s + r * g_count, z + r * g_count, in.int4, y + r, n);
     }
     if (b) {
       for (int64_t m = 0; m < rows; ++m)
@@ -76,15 +88,15 @@ struct Matrix {
 };
 
 // y_i = x @ W_i^T for up to three matrices reading the same x (q/k/v, gate/up) in one parallel
-// region: one thread wake-up instead of three. `in` holds the int4-prepared inputs, one per matrix.
+// region: one thread wake-up instead of three. `in` holds the prepared inputs, one per matrix.
 void apply(std::initializer_list<std::pair<const Matrix*, float*>> items, const float* x, int64_t rows,
-           Int4Input* in) {
+           MatrixInput* in) {
   const Matrix* mats[3];
   float* outs[3];
   int64_t first[4] = {0, 0, 0, 0}, count = 0;
   for (const auto& [mat, out] : items) {
     mats[count] = mat, outs[count] = out;
-    if (!mat->w) in[count].prepare(x, rows, mat->k, mat->group);
+    mat->prepare(x, rows, in[count]);
     first[count + 1] = first[count] + (mat->n + kRows - 1) / kRows;
     ++count;
   }
@@ -92,7 +104,7 @@ void apply(std::initializer_list<std::pair<const Matrix*, float*>> items, const 
   for (int64_t b = 0; b < first[count]; ++b) {
     int64_t i = 0;
     while (b >= first[i + 1]) ++i;
-    mats[i]->block(x, rows, (b - first[i]) * kRows, outs[i], in[i]);
+    mats[i]->block(rows, (b - first[i]) * kRows, outs[i], in[i]);
   }
 }
 
@@ -179,7 +191,7 @@ struct LayerKV {
 // Work buffers of one step, sized once for B rows and `keys` keys per row and reused by every layer.
 struct Scratch {
   std::vector<float> h, q, k, v, attn, out, gate, up, scores;
-  Int4Input in[3];
+  MatrixInput in[3];
   int64_t keys;
 
   Scratch(const Plan& p, int64_t B, int64_t keys)

@@ -1,10 +1,11 @@
-// Decode-time matrix-vector kernels for the CPU: y (M, N) = x (M, K) @ W (N, K)^T for a few rows of x.
+// Decode-time int4 matrix products for the CPU: y (M, N) = x (M, K) @ dequant(W)^T for a few rows of x.
 //
 // At batch 1 a decode step is a chain of matrix-vector products whose cost is reading the weights
-// once. BLAS libraries tune for large matrices; these loops stream each weight row once for all M
-// rows of x and split the output rows across OpenMP threads, which keeps the memory bus busy.
+// once. BLAS libraries tune for large matrices; these loops stream each row of 4-bit codes once for
+// all M rows of x and split the output rows across OpenMP threads, which keeps the memory bus busy.
 // With AVX-512 the inner loops are intrinsics; without it they are plain loops the compiler
-// vectorizes as it can. Raw pointers, row-major, no allocation: gemv.cpp and decode.cpp share them.
+// vectorizes as it can. Raw pointers, row-major: gemv.cpp and decode.cpp share them, with the fp32
+// products of f32.h.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -19,98 +20,12 @@
 #include <immintrin.h>
 #endif
 
+#include "f32.h"
+
 namespace lmforge {
 
-constexpr int64_t kRows = 4;      // f32: weight rows per step, so each load of x serves four rows
 constexpr int64_t kBlock = 32;    // int4: columns per packed block of 16 bytes
 constexpr int64_t kMaxRows = 8;   // int4: rows of x per call (the Python side routes more to a GEMM)
-
-// sum_i a[i] * b[i] (attention scores).
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float total = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  total = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
-// y[i] += p * x[i] (attention's weighted sum of values).
-inline void axpy(float p, const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512 pv = _mm512_set1_ps(p);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += p * x[i];
-}
-
-// Dot products of `rows` consecutive weight rows r (stride k) with x, written to out[0..rows): the
-// last rows of a matrix whose height is not a multiple of 4, and every row without AVX-512.
-inline void dot_rows(const float* r, int64_t rows, int64_t k, const float* x, float* out) {
-  for (int64_t j = 0; j < rows; ++j) out[j] = dot(r + j * k, x, k);
-}
-
-#if defined(__AVX512F__)
-// Dot products of 4 consecutive weight rows r (stride k) with MR rows of x (stride k):
-// y[m * y_stride + j] for x row m, weight row j. Each weight load serves MR rows of x.
-template <int MR>
-inline void dot_4xM(const float* r, int64_t k, const float* x, float* y, int64_t y_stride) {
-  __m512 acc[MR][kRows];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < kRows; ++j) acc[m][j] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    __m512 w[kRows];
-    for (int j = 0; j < kRows; ++j) w[j] = _mm512_loadu_ps(r + j * k + i);
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * k + i);
-      for (int j = 0; j < kRows; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
-    }
-  }
-  if (i < k) {  // tail: masked loads read only the valid columns
-    const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1);
-    __m512 w[kRows];
-    for (int j = 0; j < kRows; ++j) w[j] = _mm512_maskz_loadu_ps(mask, r + j * k + i);
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * k + i);
-      for (int j = 0; j < kRows; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < kRows; ++j) y[m * y_stride + j] = _mm512_reduce_add_ps(acc[m][j]);
-}
-#endif
-
-// Columns [n0, n0 + kRows) of y (m_rows, n) = x (m_rows, k) @ w (n, k)^T (fewer at the end of w).
-inline void linear_f32_block(const float* x, int64_t m_rows, int64_t k, const float* w, int64_t n, int64_t n0,
-                             float* y) {
-  const int64_t rows = std::min(kRows, n - n0);
-  int64_t m = 0;
-#if defined(__AVX512F__)
-  if (rows == kRows) {
-    for (; m + 4 <= m_rows; m += 4) dot_4xM<4>(w + n0 * k, k, x + m * k, y + m * n + n0, n);
-    for (; m + 2 <= m_rows; m += 2) dot_4xM<2>(w + n0 * k, k, x + m * k, y + m * n + n0, n);
-    for (; m < m_rows; ++m) dot_4xM<1>(w + n0 * k, k, x + m * k, y + m * n + n0, n);
-    return;
-  }
-#endif
-  float tmp[kRows];
-  for (; m < m_rows; ++m) {
-    dot_rows(w + n0 * k, rows, k, x + m * k, tmp);
-    std::copy(tmp, tmp + rows, y + m * n + n0);
-  }
-}
-
-// y (m_rows, n) = x (m_rows, k) @ w (n, k)^T, w row-major fp32.
-inline void linear_f32(const float* x, int64_t m_rows, int64_t k, const float* w, int64_t n, float* y) {
-  const int64_t blocks = (n + kRows - 1) / kRows;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t b = 0; b < blocks; ++b) linear_f32_block(x, m_rows, k, w, n, b * kRows, y);
-}
 
 // One output row of the int4 product for M rows of x (M a compile-time constant, so the
 // accumulators stay in registers). Per group, sum_k w x = scale * sum_k q x + (zero - 8 * scale) *

@@ -15,9 +15,11 @@ needs_kernels = pytest.mark.skipif(ext is None, reason="lmforge's CPU kernels co
 
 @needs_kernels
 @pytest.mark.parametrize("m, n, k", [(1, 960, 576), (3, 7, 33), (8, 130, 1536), (5, 1, 16), (1, 5, 10), (7, 64, 40),
-                                     (64, 36, 576)])
+                                     (64, 36, 576), (4, 20, 48), (9, 24, 7), (16, 200, 576), (17, 13, 100),
+                                     (32, 8, 1536), (33, 40, 64), (47, 9, 576)])
 def test_linear_f32_equals_matmul(m, n, k):
-    """Every shape the kernel splits unevenly: N not a multiple of 4, K not a multiple of 16, M not of 4."""
+    """Every way the kernel splits a shape: dot products up to 4 rows, 8 lanes up to 8, 16-lane vectors in
+    chunks of 32 rows above (one or two per chunk); N not a multiple of 8, K not a multiple of 16."""
     torch.manual_seed(0)
     x, w = torch.randn(m, k), torch.randn(n, k)
     torch.testing.assert_close(ext.linear_f32(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)

@@ -1,0 +1,207 @@
+// fp32 matrix products for a few rows of x: y (M, N) = x (M, K) @ W (N, K)^T, W row-major (nn.Linear's).
+//
+// Two loop shapes, by M. Up to 4 rows the product is bound by reading W: dot products of 4 weight
+// rows with each row of x, prefetching the next 4 weight rows. From 5 rows on it becomes bound by
+// arithmetic, and dot products waste it on horizontal sums; there the rows of x are transposed once
+// per call so that they lie across the lanes of a vector (8 lanes up to 8 rows, 16 per vector
+// above), and each weight is broadcast and multiplied into all of them: 8 weight rows at a time
+// keep 8 (or 16) accumulators busy with no reductions (docs/benchmarks.md, kernels section).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace lmforge {
+
+constexpr int64_t kRows = 8;       // weight rows per block: the unit the threads split
+constexpr int64_t kLaneChunk = 32;  // rows of x per transposed pass (two 16-lane vectors per weight row)
+constexpr int64_t kDotRows = 4;    // at most this many rows of x use dot products
+constexpr int64_t kSumChunk = 64;  // lane products sum this many columns apart, then add the partial sums:
+                                   // one running sum over all of K would round more than a BLAS does
+
+// sum_i a[i] * b[i] (attention scores).
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// y[i] += p * x[i] (attention's weighted sum of values).
+inline void axpy(float p, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
+// The rows of x as the products read them, prepared once per call and shared by every block.
+struct F32Input {
+  const float* x = nullptr;
+  int64_t rows = 0, k = 0;
+  int64_t lanes = 0;      // 0: dot products; 8: one 8-lane vector; 16: 16-lane vectors per chunk of rows
+  std::vector<float> xt;  // per chunk of kLaneChunk rows: (k, width) columns of x, zero past the last row
+
+  // Lanes used by chunk c (16 or 32 with 16-lane vectors).
+  int64_t width(int64_t c) const {
+    if (lanes != 16) return lanes;
+    return std::min<int64_t>(rows - c * kLaneChunk, kLaneChunk) > 16 ? 32 : 16;
+  }
+
+  void prepare(const float* xp, int64_t m_rows, int64_t width_k) {
+    x = xp, rows = m_rows, k = width_k;
+#if defined(__AVX512F__)
+    lanes = rows <= kDotRows ? 0 : rows <= 8 ? 8 : 16;
+#else
+    lanes = 0;
+#endif
+    if (!lanes) return;
+    const int64_t chunks = (rows + kLaneChunk - 1) / kLaneChunk;
+    xt.assign(chunks * k * (lanes == 8 ? 8 : kLaneChunk), 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t w = width(c), first = c * kLaneChunk, count = std::min(rows - first, kLaneChunk);
+      float* t = xt.data() + c * k * kLaneChunk;
+      for (int64_t m = 0; m < count; ++m)
+        for (int64_t i = 0; i < k; ++i) t[i * w + m] = x[(first + m) * k + i];
+    }
+  }
+
+  const float* chunk(int64_t c) const { return xt.data() + c * k * kLaneChunk; }
+};
+
+#if defined(__AVX512F__)
+// Dot products of 4 consecutive weight rows r (stride k) with MR rows of x: y[m * y_stride + j] for
+// x row m, weight row j. With `next`, the 4 weight rows after these are prefetched on the way.
+template <int MR>
+inline void dot_4xM(const float* r, int64_t k, const float* x, float* y, int64_t y_stride, const float* next) {
+  __m512 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    if (next)
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * k + i), _MM_HINT_T0);
+    __m512 w[4];
+    for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_ps(r + j * k + i);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * k + i);
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
+    }
+  }
+  if (i < k) {  // tail: masked loads read only the valid columns
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1);
+    __m512 w[4];
+    for (int j = 0; j < 4; ++j) w[j] = _mm512_maskz_loadu_ps(mask, r + j * k + i);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * k + i);
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) y[m * y_stride + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+// kRows weight rows w (stride k) times the transposed rows xt (k, 8) of up to 8 rows of x.
+inline void lanes8_block(const float* xt, int64_t k, const float* w, int64_t rows, float* y, int64_t y_stride) {
+  __m256 total[kRows];
+  for (int r = 0; r < kRows; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
+    __m256 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = i0; i < std::min(k, i0 + kSumChunk); ++i) {
+      const __m256 xv = _mm256_loadu_ps(xt + i * 8);
+      for (int r = 0; r < kRows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(w[r * k + i]), xv, acc[r]);
+    }
+    for (int r = 0; r < kRows; ++r) total[r] = _mm256_add_ps(total[r], acc[r]);
+  }
+  alignas(32) float lane[8];
+  for (int r = 0; r < kRows; ++r) {
+    _mm256_store_ps(lane, total[r]);
+    for (int64_t m = 0; m < rows; ++m) y[m * y_stride + r] = lane[m];
+  }
+}
+
+// kRows weight rows w (stride k) times the transposed rows xt (k, 16 V) of up to 16 V rows of x.
+template <int V>
+inline void lanes16_block(const float* xt, int64_t k, const float* w, int64_t rows, float* y, int64_t y_stride) {
+  __m512 total[kRows][V];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < V; ++v) total[r][v] = _mm512_setzero_ps();
+  for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
+    __m512 acc[kRows][V];
+    for (int r = 0; r < kRows; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t i = i0; i < std::min(k, i0 + kSumChunk); ++i) {
+      __m512 xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_ps(xt + (i * V + v) * 16);
+      for (int r = 0; r < kRows; ++r) {
+        const __m512 wb = _mm512_set1_ps(w[r * k + i]);
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(wb, xv[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int v = 0; v < V; ++v) total[r][v] = _mm512_add_ps(total[r][v], acc[r][v]);
+  }
+  alignas(64) float lane[16 * V];
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < V; ++v) _mm512_store_ps(lane + 16 * v, total[r][v]);
+    for (int64_t m = 0; m < rows; ++m) y[m * y_stride + r] = lane[m];
+  }
+}
+#endif
+
+// Columns [n0, n0 + kRows) of y (rows, n) = x @ w^T (fewer at the end of w) for prepared input `in`.
+inline void linear_f32_block(const F32Input& in, const float* w, int64_t n, int64_t n0, float* y) {
+  const int64_t count = std::min(kRows, n - n0), k = in.k;
+  const float* r = w + n0 * k;
+#if defined(__AVX512F__)
+  if (count == kRows && in.lanes == 0) {
+    for (int64_t half = 0; half < kRows; half += 4) {
+      const float* next = n0 + half + 8 <= n ? r + (half + 4) * k : nullptr;
+      int64_t m = 0;
+      for (; m + 4 <= in.rows; m += 4) dot_4xM<4>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m ? nullptr : next);
+      for (; m + 2 <= in.rows; m += 2) dot_4xM<2>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m ? nullptr : next);
+      for (; m < in.rows; ++m) dot_4xM<1>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m ? nullptr : next);
+    }
+    return;
+  }
+  if (count == kRows && in.lanes == 8) return lanes8_block(in.xt.data(), k, r, in.rows, y + n0, n);
+  if (count == kRows) {
+    for (int64_t c = 0; c * kLaneChunk < in.rows; ++c) {
+      const int64_t first = c * kLaneChunk, rows = std::min(in.rows - first, kLaneChunk);
+      float* out = y + first * n + n0;
+      if (in.width(c) == 32) lanes16_block<2>(in.chunk(c), k, r, rows, out, n);
+      else lanes16_block<1>(in.chunk(c), k, r, rows, out, n);
+    }
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < in.rows; ++m)  // the last rows of a matrix whose height is not a multiple of 8
+    for (int64_t j = 0; j < count; ++j) y[m * n + n0 + j] = dot(r + j * k, in.x + m * k, k);
+}
+
+// y (m_rows, n) = x (m_rows, k) @ w (n, k)^T, w row-major fp32.
+inline void linear_f32(const float* x, int64_t m_rows, int64_t k, const float* w, int64_t n, float* y) {
+  F32Input in;
+  in.prepare(x, m_rows, k);
+  const int64_t blocks = (n + kRows - 1) / kRows;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t b = 0; b < blocks; ++b) linear_f32_block(in, w, n, b * kRows, y);
+}
+
+}  // namespace lmforge
