@@ -1,7 +1,7 @@
 // fp32 matrix products for a few rows of x: y (M, N) = x (M, K) @ W (N, K)^T, W row-major (nn.Linear's).
 //
 // Two loop shapes, by M. Up to 4 rows the product is bound by reading W: dot products of 4 weight
-// rows with each row of x, prefetching the next 4 weight rows. From 5 rows on it becomes bound by
+// rows with each row of x, prefetching the weights 32 KB ahead into L2. From 5 rows on it becomes bound by
 // arithmetic, and dot products waste it on horizontal sums; there the rows of x are transposed once
 // per call so that they lie across the lanes of a vector (8 lanes up to 8 rows, 16 per vector
 // above), and each weight is broadcast and multiplied into all of them: 8 weight rows at a time
@@ -26,6 +26,7 @@ constexpr int64_t kLaneChunk = 32;  // rows of x per transposed pass (two 16-lan
 constexpr int64_t kDotRows = 4;    // at most this many rows of x use dot products
 constexpr int64_t kSumChunk = 64;  // lane products sum this many columns apart, then add the partial sums:
                                    // one running sum over all of K would round more than a BLAS does
+constexpr int64_t kAhead = 8192;   // prefetch distance in floats (32 KB) along the stream of weights
 
 // sum_i a[i] * b[i] (attention scores).
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -85,17 +86,23 @@ struct F32Input {
 };
 
 #if defined(__AVX512F__)
+// Ask for the weights kAhead floats past p into L2: the hardware prefetcher alone leaves the memory bus
+// idle part of the time (at 1 row of x a pass over SmolLM2's weights ran ~30 % faster with this).
+inline void prefetch_ahead(const float* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T1);
+}
+
 // Dot products of 4 consecutive weight rows r (stride k) with MR rows of x: y[m * y_stride + j] for
-// x row m, weight row j. With `next`, the 4 weight rows after these are prefetched on the way.
+// x row m, weight row j. With `ahead`, the weights further on are prefetched on the way.
 template <int MR>
-inline void dot_4xM(const float* r, int64_t k, const float* x, float* y, int64_t y_stride, const float* next) {
+inline void dot_4xM(const float* r, int64_t k, const float* x, float* y, int64_t y_stride, bool ahead) {
   __m512 acc[MR][4];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
-    if (next)
-      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * k + i), _MM_HINT_T0);
+    if (ahead)
+      for (int j = 0; j < 4; ++j) prefetch_ahead(r + j * k + i);
     __m512 w[4];
     for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_ps(r + j * k + i);
     for (int m = 0; m < MR; ++m) {
@@ -121,6 +128,8 @@ inline void lanes8_block(const float* xt, int64_t k, const float* w, int64_t row
   __m256 total[kRows];
   for (int r = 0; r < kRows; ++r) total[r] = _mm256_setzero_ps();
   for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
+    for (int r = 0; r < kRows; ++r)
+      for (int64_t i = i0; i < i0 + kSumChunk; i += 16) prefetch_ahead(w + r * k + i);
     __m256 acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t i = i0; i < std::min(k, i0 + kSumChunk); ++i) {
@@ -143,6 +152,8 @@ inline void lanes16_block(const float* xt, int64_t k, const float* w, int64_t ro
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < V; ++v) total[r][v] = _mm512_setzero_ps();
   for (int64_t i0 = 0; i0 < k; i0 += kSumChunk) {
+    for (int r = 0; r < kRows; ++r)
+      for (int64_t i = i0; i < i0 + kSumChunk; i += 16) prefetch_ahead(w + r * k + i);
     __m512 acc[kRows][V];
     for (int r = 0; r < kRows; ++r)
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -172,11 +183,10 @@ inline void linear_f32_block(const F32Input& in, const float* w, int64_t n, int6
 #if defined(__AVX512F__)
   if (count == kRows && in.lanes == 0) {
     for (int64_t half = 0; half < kRows; half += 4) {
-      const float* next = n0 + half + 8 <= n ? r + (half + 4) * k : nullptr;
       int64_t m = 0;
-      for (; m + 4 <= in.rows; m += 4) dot_4xM<4>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m ? nullptr : next);
-      for (; m + 2 <= in.rows; m += 2) dot_4xM<2>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m ? nullptr : next);
-      for (; m < in.rows; ++m) dot_4xM<1>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m ? nullptr : next);
+      for (; m + 4 <= in.rows; m += 4) dot_4xM<4>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m == 0);
+      for (; m + 2 <= in.rows; m += 2) dot_4xM<2>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m == 0);
+      for (; m < in.rows; ++m) dot_4xM<1>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m == 0);
     }
     return;
   }
