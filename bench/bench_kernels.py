@@ -27,7 +27,7 @@ from lmforge.quantization.int4 import Int4Linear, quantize_rtn
 ROOT = Path(__file__).resolve().parent.parent
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 SHAPES = LAYER * 30 + [(49152, 576)]
-F32_ROWS, INT4_ROWS = (1, 2, 4, 8, 16, 32, 64, 128), (1, 2, 4, 8)
+F32_ROWS, INT4_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), (1, 2, 4, 8)
 
 
 def time_pass(fn, weights, m: int, repeats: int) -> float:

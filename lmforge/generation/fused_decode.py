@@ -163,7 +163,7 @@ def run_paged(model, x: torch.Tensor, contexts: dict) -> torch.Tensor | None:
     _, N, D = x.shape
     ctxs = [contexts[kind] for kind in sorted(contexts)]  # in rope-kind order, as build_plan numbers them
     cache = ctxs[0].cache
-    if (x.shape[0] != 1 or N > gemv.F32_MAX_ROWS or torch.is_grad_enabled() or not _fp32_cpu(x)
+    if (x.shape[0] != 1 or N > gemv.PAGED_MAX_ROWS or torch.is_grad_enabled() or not _fp32_cpu(x)
             or not all(type(ctx) is PagedAttention and ctx.plan.decode_only and ctx.cache is cache for ctx in ctxs)
             or not all(map(_fp32_cpu, cache.k)) or not all(map(_fp32_cpu, cache.v))):
         return None

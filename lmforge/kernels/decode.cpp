@@ -131,7 +131,7 @@ struct Plan {
   }
 };
 
-constexpr int64_t kF32MaxRows = 64;  // gemv.F32_MAX_ROWS: past ~96 rows MKL's blocked GEMM wins
+constexpr int64_t kPagedMaxRows = 64;  // gemv.PAGED_MAX_ROWS: the engine's default max_num_seqs
 
 namespace {
 
@@ -329,8 +329,8 @@ torch::Tensor decode_layers_paged(const Plan& plan, torch::Tensor x, const std::
   check_step(plan, x, k_cache, v_cache, cos, sin);
   const int64_t B = x.size(0), KV = plan.n_kv_head, hd = plan.head_dim;
   const bool int4 = plan.has_int4();
-  TORCH_CHECK(B >= 1 && B <= (int4 ? kMaxRows : kF32MaxRows), "the paged fused decode step takes 1 to ",
-              int4 ? kMaxRows : kF32MaxRows, " rows", int4 ? " with int4 weights" : "", ", got ", B);
+  TORCH_CHECK(B >= 1 && B <= (int4 ? kMaxRows : kPagedMaxRows), "the paged fused decode step takes 1 to ",
+              int4 ? kMaxRows : kPagedMaxRows, " rows", int4 ? " with int4 weights" : "", ", got ", B);
   const int64_t S = k_cache[0].size(0);
   for (const auto* caches : {&k_cache, &v_cache})
     for (const auto& c : *caches)

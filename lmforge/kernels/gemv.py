@@ -25,7 +25,8 @@ import torch
 SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "decode.cpp", "gemv.h", "f32.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 MAX_ROWS = 8  # rows of x per int4 call (the kernel's limit); more rows go to torch's int4 kernel
-F32_MAX_ROWS = 64  # rows of x per fp32 call: beyond ~96 rows MKL's blocked GEMM wins (docs/benchmarks.md)
+F32_MAX_ROWS = 512  # rows of x per fp32 call (1.07-1.2x MKL at 128-512 rows, docs/benchmarks.md); more go to MKL
+PAGED_MAX_ROWS = 64  # sequences per fused paged decode step (decode.cpp's kPagedMaxRows, the engine's default batch)
 
 
 def cache_root() -> Path:
@@ -92,7 +93,7 @@ def extension() -> ModuleType | None:
 
 
 def usable(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether linear_f32 takes this call: up to 64 fp32 CPU rows, a row-major fp32 weight, no autograd."""
+    """Whether linear_f32 takes this call: up to 512 fp32 CPU rows, a row-major fp32 weight, no autograd."""
     return (x2d.shape[0] <= F32_MAX_ROWS and x2d.dtype == torch.float32 and weight.dtype == torch.float32
             and x2d.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
             and not torch.is_grad_enabled() and extension() is not None)
