@@ -1,8 +1,8 @@
 """Load GGUF checkpoints (llama.cpp's format): config from metadata, weights dequantized.
 
-The container is parsed by `gguf_file.GGUFFile` (bounds-checked); every quantized tensor is
-dequantized to fp32 by the `gguf` library (`gguf.quants.dequantize`), which knows every
-GGML type. Names map to Hugging Face's through one declarative table.
+The container is parsed by `gguf_file.GGUFFile` (bounds-checked); quantized tensors are
+dequantized to fp32 by `lmforge.checkpoint.dequant` (Q4_0, Q4_1, Q8_0, in torch) or else by the
+`gguf` library (`gguf.quants.dequantize`), which knows every GGML type. Names map to Hugging Face's through one declarative table.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from lmforge.checkpoint import dequant
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.gguf_file import GGUFFile, TensorInfo
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
@@ -155,7 +156,9 @@ def read_state_dict(reader: GGUFFile, config: Config, arch: str) -> dict[str, to
 
     def convert(t: TensorInfo) -> tuple[str, torch.Tensor]:
         name = hf_name(t.name, table)
-        tensor = torch.from_numpy(tensor_to_numpy(reader, t))
+        tensor = dequant.dequantize(reader.raw(t), t.qtype, t.shape)
+        if tensor is None:
+            tensor = torch.from_numpy(tensor_to_numpy(reader, t))
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             tensor = unpermute_rope(tensor, config.n_head if "q_proj" in name else config.n_kv_head)
         if arch == "gemma3" and name.endswith("norm.weight"):
