@@ -55,6 +55,7 @@ def decode_one_token(model, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCa
 class TokenStream:
     """Steps a batch of prompts through sampling; rows finish on EOS, length, or `finish()`."""
 
+    @torch.inference_mode()  # the fused decode step (and no autograd graph) whoever iterates the stream
     def __init__(self, model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_ids: set[int],
                  pad_id: int = 0) -> None:
         config = model.config
@@ -84,6 +85,7 @@ class TokenStream:
     def finish(self, row: int, reason: str = "stop") -> None:
         self.done[row], self.reasons[row] = True, reason
 
+    @torch.inference_mode()
     def __iter__(self) -> Iterator[list[int | None]]:
         """Yield one token per row per step (None for rows already finished)."""
         while self.steps < self.max_new and not all(self.done):

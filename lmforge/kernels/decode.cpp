@@ -15,6 +15,7 @@
 #include <optional>
 #include <vector>
 
+#include "attention.h"
 #include "gemv.h"
 
 namespace lmforge {
@@ -160,66 +161,16 @@ void rope(float* x, int64_t heads, int64_t hd, const float* cos, const float* si
   }
 }
 
-float activation(float g, bool geglu) {
-  if (!geglu) return g / (1.f + std::exp(-g));  // SiLU
-  const float c = 0.7978845608028654f;          // sqrt(2 / pi): tanh-approximated GELU
-  return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g)));
-}
-
-// The cache slots a layer attends to for each row: a padded slot table per row (the paged cache),
-// or one run of consecutive slots shared by every row (the static cache).
-struct KeySlots {
-  const int64_t* table = nullptr;  // (B, width) row-major, or null: slots first, first + 1, ...
-  const int64_t* lens = nullptr;   // (B,) valid keys of each row, or null: `count` for every row
-  int64_t width = 0, first = 0, count = 0;
-
-  int64_t slot(int64_t b, int64_t t) const { return table ? table[b * width + t] : first + t; }
-  int64_t len(int64_t b) const { return lens ? lens[b] : count; }
-};
-
-// One layer's keys and values as the step addresses them: the key of (row b, head group g) at
-// cache slot s starts at k + b * row_stride + s * slot_stride + g * head_stride (values alike in v).
-struct LayerKV {
-  float *k, *v;
-  int64_t row_stride, slot_stride, head_stride;
-  const int64_t* new_slots;  // (B,) the slot each row's new key and value go to
-  KeySlots keys;
-
-  int64_t at(int64_t b, int64_t s, int64_t g) const { return b * row_stride + s * slot_stride + g * head_stride; }
-};
-
-// Work buffers of one step, sized once for B rows and `keys` keys per row and reused by every layer.
+// Work buffers of one step, sized once for B rows and reused by every layer.
 struct Scratch {
-  std::vector<float> h, q, k, v, attn, out, gate, up, scores;
+  std::vector<float> h, q, k, v, attn, out, gate, up;
   MatrixInput in[3];
-  int64_t keys;
 
-  Scratch(const Plan& p, int64_t B, int64_t keys)
+  Scratch(const Plan& p, int64_t B)
       : h(B * p.n_embd), q(B * p.n_head * p.head_dim), k(B * p.n_kv_head * p.head_dim),
         v(B * p.n_kv_head * p.head_dim), attn(B * p.n_head * p.head_dim), out(B * p.n_embd),
-        gate(B * p.intermediate), up(B * p.intermediate), scores(B * p.n_head * keys), keys(keys) {}
+        gate(B * p.intermediate), up(B * p.intermediate) {}
 };
-
-// softmax(q k^T * scale) v for every (row, head) of q (B, H, hd) into out, over the keys kv lists.
-void attend(const Plan& plan, const LayerKV& kv, int64_t B, const float* q, Scratch& s, float* out) {
-  const int64_t H = plan.n_head, hd = plan.head_dim, group_heads = H / plan.n_kv_head;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int64_t b = bh / H, g = (bh % H) / group_heads, n = kv.keys.len(b);
-    const float* qh = q + bh * hd;
-    float* sc = s.scores.data() + bh * s.keys;
-    float top = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) {
-      sc[t] = dot(qh, kv.k + kv.at(b, kv.keys.slot(b, t), g), hd) * float(plan.attn_scale);
-      top = std::max(top, sc[t]);
-    }
-    float total = 0;
-    for (int64_t t = 0; t < n; ++t) total += (sc[t] = std::exp(sc[t] - top));
-    float* oh = out + bh * hd;
-    std::fill_n(oh, hd, 0.f);
-    for (int64_t t = 0; t < n; ++t) axpy(sc[t] / total, kv.v + kv.at(b, kv.keys.slot(b, t), g), oh, hd);
-  }
-}
 
 // One block for the B rows of x (updated in place); cos/sin (B, hd) at each row's position.
 void layer_step(const Plan& plan, const Layer& layer, float* x, int64_t B, const LayerKV& kv, const float* cos,
@@ -240,7 +191,7 @@ void layer_step(const Plan& plan, const Layer& layer, float* x, int64_t B, const
       std::copy_n(s.v.data() + (b * KV + g) * hd, hd, kv.v + kv.at(b, kv.new_slots[b], g));
     }
   }
-  attend(plan, kv, B, s.q.data(), s, s.attn.data());
+  attend({B, H, KV, hd, float(plan.attn_scale)}, kv, s.q.data(), s.attn.data());
   apply({{&layer.o, s.out.data()}}, s.attn.data(), B, s.in);
   float* out = s.out.data();
   if (plan.sandwich) {
@@ -252,7 +203,7 @@ void layer_step(const Plan& plan, const Layer& layer, float* x, int64_t B, const
     rms_norm(x, B, D, layer.post_attention_norm, plan.eps, plan.unit_offset, s.h.data());
   }
   apply({{&layer.gate, s.gate.data()}, {&layer.up, s.up.data()}}, s.h.data(), B, s.in);
-  for (int64_t i = 0; i < B * F; ++i) s.gate[i] = activation(s.gate[i], plan.geglu) * s.up[i];
+  gated_activation(s.gate.data(), s.up.data(), B * F, plan.geglu);
   apply({{&layer.down, out}}, s.gate.data(), B, s.in);
   if (plan.sandwich) rms_norm(out, B, D, layer.post_feedforward_norm, plan.eps, plan.unit_offset, out);
   for (int64_t i = 0; i < B * D; ++i) x[i] += out[i];
@@ -306,7 +257,7 @@ torch::Tensor decode_layers(const Plan& plan, torch::Tensor x, const std::vector
                       c.size(1) == KV && c.size(2) == L && c.size(3) == hd,
                   "KV caches must be contiguous fp32 (B, n_kv_head, max_len, head_dim)");
   const std::vector<int64_t> new_slots(B, slot);
-  Scratch s(plan, B, L);
+  Scratch s(plan, B);
   for (size_t li = 0; li < plan.layers.size(); ++li) {  // (B, n_kv_head, L, hd): row b reads slots lo..slot
     const Layer& layer = plan.layers[li];
     const int64_t lo = layer.window ? std::max<int64_t>(0, slot + 1 - layer.window) : 0;
@@ -340,16 +291,14 @@ torch::Tensor decode_layers_paged(const Plan& plan, torch::Tensor x, const std::
   TORCH_CHECK(new_slots.dim() == 1 && new_slots.size(0) == B && all_in(new_slots, 0, S - 1),
               "new_slots must be contiguous int64 CPU (B,) slots of the cache");
   TORCH_CHECK(key_slots.size() == cos.size() && key_lens.size() == cos.size(), "one key table per rope kind");
-  int64_t width = 1;
   for (size_t r = 0; r < key_slots.size(); ++r) {
     const auto &table = key_slots[r], &lens = key_lens[r];
     TORCH_CHECK(table.dim() == 2 && table.size(0) == B && all_in(table, 0, S - 1),
                 "key_slots must be contiguous int64 CPU (B, L) slots of the cache");
     TORCH_CHECK(lens.dim() == 1 && lens.size(0) == B && all_in(lens, 1, table.size(1)),
                 "key_lens must be contiguous int64 CPU (B,) counts in [1, L]");
-    width = std::max(width, table.size(1));
   }
-  Scratch s(plan, B, width);
+  Scratch s(plan, B);
   for (size_t li = 0; li < plan.layers.size(); ++li) {  // (S, n_kv_head, hd): rows share one pool of slots
     const Layer& layer = plan.layers[li];
     const auto& table = key_slots[layer.rope];

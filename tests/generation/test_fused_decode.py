@@ -47,6 +47,18 @@ def test_fused_step_equals_the_modules(name):
     torch.testing.assert_close(fused, decode_logits(model, prompt, 16, fused=False), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"n_embd": 80, "intermediate_size": 136}])
+def test_long_contexts_split_the_keys_between_threads(overrides):
+    """150 keys are attended in parts whose softmax sums are merged (attention.h); a head width of
+    20 and an MLP of 136 take the loops' scalar tails (16 lanes per vector)."""
+    torch.manual_seed(1)
+    model = build_model(Config.from_name("tiny-llama", **overrides)).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 150))
+    fused = decode_logits(model, prompt, 6, fused=True)
+    assert fused_decode.plan_for(model) is not None
+    torch.testing.assert_close(fused, decode_logits(model, prompt, 6, fused=False), rtol=1e-4, atol=1e-4)
+
+
 # int4 products may round their inputs to int8 (VNNI): an input differing in the last float bit
 # between the two paths can round to the next int8 step, so int4 logits agree to ~1e-2, not 1e-4.
 INT4_TOLERANCE = dict(rtol=0.02, atol=0.02)

@@ -244,6 +244,21 @@ def test_decode_steps_run_fused_over_the_paged_cache(model, monkeypatch):
 
 
 @needs_kernels
+def test_fused_paged_steps_mix_long_and_short_sequences(model, monkeypatch):
+    """A 180-token prompt beside 1- and 2-token ones: attention splits the longest row's keys into
+    parts, so the short rows get empty parts, which the merge must skip."""
+    rows = _fused_step_rows(monkeypatch)
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=16, num_blocks=64, prefix_caching=False))
+    pairs = _both_paths(engine)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(1, 256) for _ in range(n)] for n in (180, 1, 2)]
+    _decode_together(engine, prompts, [5, 5, 5])
+    assert max(rows) == 3
+    for fused, reference in pairs:
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_int4_decode_steps_run_fused_up_to_8_sequences(monkeypatch):
     """int4 products take at most 8 rows: of 10 sequences finishing one by one, the steps of 9 or 10
     take the modules and the later ones (8 rows down to 1) the fused step; each equals the modules'."""
