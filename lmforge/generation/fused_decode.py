@@ -59,22 +59,29 @@ def _watch(checks: list, mapping: dict, key: str) -> None:
     checks.append((mapping, key, mapping.get(key)))
 
 
+def _watch_linear(checks: list, holder: dict, name: str) -> None:
+    """Watch the linear holder[name], its weight and bias, and an Int4Linear's GEMV packing."""
+    _watch(checks, holder, name)
+    module = holder[name]
+    _watch(checks, module._parameters, "weight")
+    _watch(checks, module._parameters, "bias")
+    if "_kernel_cache" in module.__dict__:  # Int4Linear: its GEMV packing, dropped on reload
+        _watch(checks, module.__dict__, "_kernel_cache")
+        if isinstance(module.__dict__["_kernel_cache"], dict):
+            _watch(checks, module.__dict__["_kernel_cache"], "gemv")
+
+
 def watch_list(model) -> list[tuple[dict, str, object]]:
     """(mapping, key, value) for every module, weight and packing a plan built now would read."""
     checks: list = []
     _watch(checks, model.model._modules, "layers")
+    _watch_linear(checks, model._modules, "lm_head")
+    _watch(checks, model.model._modules, "norm")
+    _watch(checks, model.model.norm._parameters, "weight")
     for i, block in enumerate(model.model.layers):
         _watch(checks, model.model.layers._modules, str(i))
         for parent, name, _ in LINEARS:
-            holder = block._modules[parent]._modules
-            _watch(checks, holder, name)
-            module = holder[name]
-            _watch(checks, module._parameters, "weight")
-            _watch(checks, module._parameters, "bias")
-            if "_kernel_cache" in module.__dict__:  # Int4Linear: its GEMV packing, dropped on reload
-                _watch(checks, module.__dict__, "_kernel_cache")
-                if isinstance(module.__dict__["_kernel_cache"], dict):
-                    _watch(checks, module.__dict__["_kernel_cache"], "gemv")
+            _watch_linear(checks, block._modules[parent]._modules, name)
         attn = block._modules["self_attn"]
         norms = [(block._modules, name) for name, _ in NORMS] + [(attn._modules, "q_norm"), (attn._modules, "k_norm")]
         for holder, name in norms:
@@ -122,7 +129,16 @@ def build_plan(model):
         layer.rope = kinds.index(block.layer_type)
         layers.append(layer)
     plan.layers = layers
+    _add_head(ext, model, plan)
     return plan
+
+
+def _add_head(ext, model, plan) -> None:
+    """Let the step end in logits (final norm, then lm_head) when decode.cpp can run both."""
+    norm, head = model.model.norm, _matrix(ext, model.lm_head)
+    if (head is not None and model.config.final_logit_softcap is None and type(norm) is RMSNorm
+            and _fp32_cpu(norm.weight)):
+        plan.final_norm, plan.head = norm.weight.detach(), head
 
 
 def plan_for(model):
@@ -137,12 +153,13 @@ def plan_for(model):
     return cached[1]
 
 
-def run_blocks(model, x: torch.Tensor, cache, contexts: dict) -> torch.Tensor | None:
-    """x (B, 1, n_embd) after every block, by decode.cpp; None when this step does not qualify."""
+def run_blocks(model, x: torch.Tensor, cache, contexts: dict, logits: bool) -> tuple[torch.Tensor, bool] | None:
+    """(x (B, 1, n_embd) after every block, False), or with `logits` (logits (B, 1, vocab), True) when
+    the plan can also run the final norm and lm_head, by decode.cpp; None when this step does not qualify."""
     B, T, D = x.shape
     if (T != 1 or B > gemv.MAX_ROWS or torch.is_grad_enabled() or not _fp32_cpu(x)
             or not all(ctx.mask is None and ctx.cache is cache for ctx in contexts.values())
-            or not all(_fp32_cpu(k) for k in cache.k) or not all(_fp32_cpu(v) for v in cache.v)):
+            or not all(map(_fp32_cpu, cache.k)) or not all(map(_fp32_cpu, cache.v))):
         return None
     plan = plan_for(model)
     if plan is None:
@@ -151,13 +168,15 @@ def run_blocks(model, x: torch.Tensor, cache, contexts: dict) -> torch.Tensor | 
     cos = [contexts[k].rope[0].reshape(B, -1).float().contiguous() for k in kinds]
     sin = [contexts[k].rope[1].reshape(B, -1).float().contiguous() for k in kinds]
     start = contexts[kinds[0]].start
-    out = gemv.extension().decode_layers(plan, x.reshape(B, D).contiguous(), cache.k, cache.v, start, cos, sin)
-    return out.view(B, 1, D)
+    out = gemv.extension().decode_layers(plan, x.reshape(B, D).contiguous(), cache.k, cache.v, start, cos, sin,
+                                         logits=logits)
+    return out.view(B, 1, -1), logits and plan.has_head
 
 
-def run_paged(model, x: torch.Tensor, contexts: dict) -> torch.Tensor | None:
-    """x (1, N, n_embd) after every block, by decode.cpp over the serving engine's paged cache, when
-    all N packed tokens are decodes; None when this step does not qualify (prefill chunks, mixed steps)."""
+def run_paged(model, x: torch.Tensor, contexts: dict, logits: bool) -> tuple[torch.Tensor, bool] | None:
+    """Like run_blocks, (1, N, ...) over the serving engine's paged cache when all N packed tokens are
+    decodes; None when this step does not qualify (prefill chunks, mixed steps). `logits`: every
+    token's logits are wanted, so the step may end in them."""
     from lmforge.serving.model_runner import PagedAttention  # serving imports the model package
 
     _, N, D = x.shape
@@ -174,5 +193,5 @@ def run_paged(model, x: torch.Tensor, contexts: dict) -> torch.Tensor | None:
     sin = [ctx.rope[1].reshape(N, -1).float().contiguous() for ctx in ctxs]
     out = gemv.extension().decode_layers_paged(
         plan, x.view(N, D), cache.k, cache.v, ctxs[0].slot_mapping, [ctx.plan.decode_slots.view(N, -1) for ctx in ctxs],
-        [ctx.plan.decode_lens for ctx in ctxs], cos, sin)
-    return out.view(1, N, D)
+        [ctx.plan.decode_lens for ctx in ctxs], cos, sin, logits=logits)
+    return out.view(1, N, -1), logits and plan.has_head

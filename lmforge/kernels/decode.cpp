@@ -122,13 +122,17 @@ struct Plan {
   double eps = 1e-6, attn_scale = 1.0;
   bool unit_offset = false, geglu = false, sandwich = false;
   std::vector<Layer> layers;
+  torch::Tensor final_norm;  // with `head`: the step can end in logits (norm, then head), else undefined
+  Matrix head;               // the output projection (n == 0: none)
+
+  bool has_head() const { return final_norm.defined() && head.n > 0; }
 
   // Whether any matrix is int4: its products take at most kMaxRows rows of x.
   bool has_int4() const {
     for (const Layer& l : layers)
       for (const Matrix* m : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
         if (!m->w) return true;
-    return false;
+    return has_head() && !head.w;
   }
 };
 
@@ -240,12 +244,23 @@ void check_step(const Plan& plan, const torch::Tensor& x, const std::vector<torc
 
 }  // namespace
 
+// The step's result: x after the blocks, or with `logits` (and a head in the plan) head(norm(x)) (B, vocab).
+torch::Tensor finish(const Plan& plan, torch::Tensor x, bool logits, Scratch& s) {
+  if (!logits || !plan.has_head()) return x;
+  const int64_t B = x.size(0);
+  rms_norm(x.data_ptr<float>(), B, plan.n_embd, plan.final_norm, plan.eps, plan.unit_offset, s.h.data());
+  torch::Tensor out = torch::empty({B, plan.head.n}, x.options());
+  apply({{&plan.head, out.data_ptr<float>()}}, s.h.data(), B, s.in);
+  return out;
+}
+
 // Run every block for one new token per row: x (B, n_embd), the output of the embedding, is
 // updated in place; keys/values are written at cache slot `slot` and attention reads slots
 // [max(0, slot + 1 - window), slot]. cos/sin: per rope kind, (B, head_dim) at each row's position.
+// With `logits` and a head in the plan, returns the logits (B, vocab) instead of x.
 torch::Tensor decode_layers(const Plan& plan, torch::Tensor x, const std::vector<torch::Tensor>& k_cache,
                             const std::vector<torch::Tensor>& v_cache, int64_t slot, const std::vector<torch::Tensor>& cos,
-                            const std::vector<torch::Tensor>& sin) {
+                            const std::vector<torch::Tensor>& sin, bool logits) {
   check_step(plan, x, k_cache, v_cache, cos, sin);
   const int64_t B = x.size(0), KV = plan.n_kv_head, hd = plan.head_dim;
   TORCH_CHECK(B >= 1 && B <= kMaxRows, "the fused decode step takes 1 to ", kMaxRows, " rows, got ", B);
@@ -266,7 +281,7 @@ torch::Tensor decode_layers(const Plan& plan, torch::Tensor x, const std::vector
     layer_step(plan, layer, x.data_ptr<float>(), B, kv, cos[layer.rope].data_ptr<float>(),
                sin[layer.rope].data_ptr<float>(), s);
   }
-  return x;
+  return finish(plan, x, logits, s);
 }
 
 // The same step over the serving engine's paged cache, k_cache/v_cache (S, n_kv_head, head_dim) per
@@ -276,7 +291,7 @@ torch::Tensor decode_layers_paged(const Plan& plan, torch::Tensor x, const std::
                                   const std::vector<torch::Tensor>& v_cache, const torch::Tensor& new_slots,
                                   const std::vector<torch::Tensor>& key_slots,
                                   const std::vector<torch::Tensor>& key_lens, const std::vector<torch::Tensor>& cos,
-                                  const std::vector<torch::Tensor>& sin) {
+                                  const std::vector<torch::Tensor>& sin, bool logits) {
   check_step(plan, x, k_cache, v_cache, cos, sin);
   const int64_t B = x.size(0), KV = plan.n_kv_head, hd = plan.head_dim;
   const bool int4 = plan.has_int4();
@@ -308,7 +323,7 @@ torch::Tensor decode_layers_paged(const Plan& plan, torch::Tensor x, const std::
     layer_step(plan, layer, x.data_ptr<float>(), B, kv, cos[layer.rope].data_ptr<float>(),
                sin[layer.rope].data_ptr<float>(), s);
   }
-  return x;
+  return finish(plan, x, logits, s);
 }
 
 void register_decode(py::module_& m) {
@@ -337,13 +352,15 @@ void register_decode(py::module_& m) {
       .def_readwrite("attn_scale", &Plan::attn_scale).def_readwrite("unit_offset", &Plan::unit_offset)
       .def_readwrite("geglu", &Plan::geglu).def_readwrite("sandwich", &Plan::sandwich)
       .def_readwrite("layers", &Plan::layers)
+      .def_readwrite("final_norm", &Plan::final_norm).def_readwrite("head", &Plan::head)
+      .def_property_readonly("has_head", &Plan::has_head)
       .def_property_readonly("has_int4", &Plan::has_int4);
   m.def("decode_layers", &decode_layers, "every block for one new token per row, over the static KV cache",
         py::arg("plan"), py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot"), py::arg("cos"),
-        py::arg("sin"));
+        py::arg("sin"), py::arg("logits") = false);
   m.def("decode_layers_paged", &decode_layers_paged, "every block for one new token per row, over the paged KV cache",
         py::arg("plan"), py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("new_slots"),
-        py::arg("key_slots"), py::arg("key_lens"), py::arg("cos"), py::arg("sin"));
+        py::arg("key_slots"), py::arg("key_lens"), py::arg("cos"), py::arg("sin"), py::arg("logits") = false);
 }
 
 }  // namespace lmforge

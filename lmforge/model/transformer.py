@@ -122,12 +122,15 @@ class Transformer(nn.Module):
                         for kind in set(self.config.layer_types)}
         x = self.embed(input_ids, positions)
         fused = None
-        if self.fused_decode and T == 1 and cache is not None:
-            fused = run_blocks(self, x, cache, contexts)
-        elif self.fused_decode and paged:
-            fused = run_paged(self, x, contexts)
-        if fused is not None:  # one decode token per row: all blocks in one C++ call
-            x = fused
+        if self.fused_decode and ((T == 1 and cache is not None) or paged):
+            every = output_index is None or (output_index.numel() == T and bool(
+                (output_index == torch.arange(T, device=output_index.device)).all()))  # logits of every token
+            every = every and (T == 1 or not last_only)
+            fused = run_paged(self, x, contexts, every) if paged else run_blocks(self, x, cache, contexts, every)
+        if fused is not None:  # one decode token per row: all blocks (maybe the head too) in one C++ call
+            x, done = fused
+            if done:
+                return x
         else:
             for layer in self.model.layers:
                 x = layer(x, contexts[layer.layer_type])

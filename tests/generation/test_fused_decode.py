@@ -59,6 +59,17 @@ def test_long_contexts_split_the_keys_between_threads(overrides):
     torch.testing.assert_close(fused, decode_logits(model, prompt, 6, fused=False), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_the_step_ends_in_logits_unless_the_head_needs_python(softcap):
+    """The final norm and lm_head run in the same C++ call; a final logit softcap keeps them in PyTorch."""
+    torch.manual_seed(2)
+    model = build_model(Config.from_name("tiny-llama", final_logit_softcap=softcap)).eval()
+    prompt = torch.randint(0, 256, (2, 7))
+    fused = decode_logits(model, prompt, 5, fused=True)
+    assert fused_decode.plan_for(model).has_head == (softcap is None)
+    torch.testing.assert_close(fused, decode_logits(model, prompt, 5, fused=False), rtol=1e-4, atol=1e-4)
+
+
 # int4 products may round their inputs to int8 (VNNI): an input differing in the last float bit
 # between the two paths can round to the next int8 step, so int4 logits agree to ~1e-2, not 1e-4.
 INT4_TOLERANCE = dict(rtol=0.02, atol=0.02)

@@ -186,9 +186,9 @@ def _fused_step_rows(monkeypatch) -> list[int]:
     ext = gemv.extension()
     rows, real = [], ext.decode_layers_paged
 
-    def spy(plan, x, *args):
+    def spy(plan, x, *args, **kwargs):
         rows.append(x.shape[0])
-        return real(plan, x, *args)
+        return real(plan, x, *args, **kwargs)
 
     monkeypatch.setattr(ext, "decode_layers_paged", spy)
     return rows
