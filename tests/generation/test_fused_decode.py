@@ -32,42 +32,39 @@ def decode_logits(model, prompt: torch.Tensor, steps: int, fused: bool) -> torch
     return torch.cat(out, dim=1)
 
 
-def tiny(name: str, seed: int = 0):
+def tiny(name: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return build_model(Config.from_name(name)).eval()
+    return build_model(Config.from_name(name, **overrides)).eval()
+
+
+def assert_fused_equals_modules(model, prompt: torch.Tensor, steps: int) -> None:
+    """`steps` fused decode steps give the modules' fp32 logits (the fused step must have run)."""
+    fused = decode_logits(model, prompt, steps, fused=True)
+    assert fused_decode.plan_for(model) is not None
+    torch.testing.assert_close(fused, decode_logits(model, prompt, steps, fused=False), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
 def test_fused_step_equals_the_modules(name):
     """Gemma 3's QK-norm, sandwich norms, GeGLU and a sliding window (8) the decode runs past."""
     model = tiny(name)
-    prompt = torch.randint(0, model.config.vocab_size, (3, 6))
-    fused = decode_logits(model, prompt, 16, fused=True)
-    assert fused_decode.plan_for(model) is not None
-    torch.testing.assert_close(fused, decode_logits(model, prompt, 16, fused=False), rtol=1e-4, atol=1e-4)
+    assert_fused_equals_modules(model, torch.randint(0, model.config.vocab_size, (3, 6)), 16)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"n_embd": 80, "intermediate_size": 136}])
 def test_long_contexts_split_the_keys_between_threads(overrides):
     """150 keys are attended in parts whose softmax sums are merged (attention.h); a head width of
     20 and an MLP of 136 take the loops' scalar tails (16 lanes per vector)."""
-    torch.manual_seed(1)
-    model = build_model(Config.from_name("tiny-llama", **overrides)).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (2, 150))
-    fused = decode_logits(model, prompt, 6, fused=True)
-    assert fused_decode.plan_for(model) is not None
-    torch.testing.assert_close(fused, decode_logits(model, prompt, 6, fused=False), rtol=1e-4, atol=1e-4)
+    model = tiny("tiny-llama", seed=1, **overrides)
+    assert_fused_equals_modules(model, torch.randint(0, model.config.vocab_size, (2, 150)), 6)
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_the_step_ends_in_logits_unless_the_head_needs_python(softcap):
     """The final norm and lm_head run in the same C++ call; a final logit softcap keeps them in PyTorch."""
-    torch.manual_seed(2)
-    model = build_model(Config.from_name("tiny-llama", final_logit_softcap=softcap)).eval()
-    prompt = torch.randint(0, 256, (2, 7))
-    fused = decode_logits(model, prompt, 5, fused=True)
+    model = tiny("tiny-llama", seed=2, final_logit_softcap=softcap)
+    assert_fused_equals_modules(model, torch.randint(0, 256, (2, 7)), 5)
     assert fused_decode.plan_for(model).has_head == (softcap is None)
-    torch.testing.assert_close(fused, decode_logits(model, prompt, 5, fused=False), rtol=1e-4, atol=1e-4)
 
 
 # int4 products may round their inputs to int8 (VNNI): an input differing in the last float bit
