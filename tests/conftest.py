@@ -25,6 +25,16 @@ def _real(name: str):
     return path
 
 
+@pytest.fixture
+def two_threads():
+    """Two compute threads: decode attention cuts keys into parts by thread count (attention.h), so
+    tests of how parts merge pin it to run the same on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of the real SmolLM2-135M-Instruct GGUF (tests using it are marked real_model)."""

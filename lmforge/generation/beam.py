@@ -74,7 +74,7 @@ def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[i
         if not improvable or all_done or bool(ends.all()):
             break
         cache.reorder(parents)
-        logits = decode_one_token(model, token_of[alive], pos, cache)
+        logits = decode_one_token(model, token_of[alive], pos, cache, aligned=True)  # beams are not padded
         pos = pos + 1
     return finished
 

@@ -153,6 +153,29 @@ def plan_for(model):
     return cached[1]
 
 
+def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor | None:
+    """Logits (B, vocab) for tokens (B,) fed at the cache's next slot, from the embedding to the logits
+    without model.forward (~1 ms of Python per step less), for a cache without padding whose slot t
+    holds position t; None when the step needs forward (not fused, a softcapped head, no slot left)."""
+    B, slot = tokens.shape[0], cache.length
+    if (not getattr(model, "fused_decode", False) or B > gemv.MAX_ROWS or torch.is_grad_enabled()
+            or slot >= min(cache.max_len, model.config.block_size) or not _fp32_cpu(cache.k[0])):
+        return None  # forward takes it, or raises its error for a full cache or context
+    plan = plan_for(model)
+    if plan is None or not plan.has_head:
+        return None
+    x = model.embed(tokens[:, None], None).view(B, -1)
+    if not _fp32_cpu(x):
+        return None
+    tables = [model.rope_tables(kind, slot + 1, x.device) for kind in sorted(set(model.config.layer_types))]
+    cos = [cos[slot:slot + 1].expand(B, -1).contiguous() for cos, _ in tables]
+    sin = [sin[slot:slot + 1].expand(B, -1).contiguous() for _, sin in tables]
+    cache.positions[:, slot], cache.valid[:, slot] = slot, True  # what cache.reserve records
+    logits = gemv.extension().decode_layers(plan, x, cache.k, cache.v, slot, cos, sin, logits=True)
+    cache.length = slot + 1
+    return logits
+
+
 def run_blocks(model, x: torch.Tensor, cache, contexts: dict, logits: bool) -> tuple[torch.Tensor, bool] | None:
     """(x (B, 1, n_embd) after every block, False), or with `logits` (logits (B, 1, vocab), True) when
     the plan can also run the final norm and lm_head, by decode.cpp; None when this step does not qualify."""

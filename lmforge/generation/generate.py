@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from lmforge.generation.fused_decode import decode_step
 from lmforge.generation.kv_cache import KVCache
 from lmforge.generation.sampling import SamplingParams, sample
 from lmforge.model.masks import positions_from_padding
@@ -47,9 +48,12 @@ def prefill(model, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> tu
     return logits[:, -1], next_pos
 
 
-def decode_one_token(model, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Feed one token per row (B,) at positions pos (B, 1); return next logits (B, V)."""
-    return model(tokens[:, None], cache=cache, positions=pos)[:, -1]
+def decode_one_token(model, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache, aligned: bool = False
+                     ) -> torch.Tensor:
+    """Feed one token per row (B,) at positions pos (B, 1); return next logits (B, V). `aligned`: no row
+    is padded, so every position equals its cache slot and the fused step may skip model.forward."""
+    logits = decode_step(model, tokens, cache) if aligned else None
+    return logits if logits is not None else model(tokens[:, None], cache=cache, positions=pos)[:, -1]
 
 
 class TokenStream:
@@ -75,6 +79,7 @@ class TokenStream:
         device = next(model.parameters()).device
         self.cache = KVCache(config, len(prompts), longest + self.max_new, dtype=dtype, device=device)
         ids, valid = left_pad(prompts, pad_id)
+        self.aligned = bool(valid.all())  # no padding: positions are cache slots (decode_one_token)
         self.history = ids.masked_fill(~valid, -1).to(device) if params.repetition_penalty != 1.0 else None
         self.logits, self.pos = prefill(model, ids.to(device), valid.to(device), self.cache)
         self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
@@ -105,7 +110,7 @@ class TokenStream:
                 return
             if self.history is not None:
                 self.history = torch.cat([self.history, tokens[:, None]], dim=1)
-            self.logits = decode_one_token(self.model, tokens, self.pos, self.cache)
+            self.logits = decode_one_token(self.model, tokens, self.pos, self.cache, self.aligned)
             self.pos = self.pos + 1
 
 

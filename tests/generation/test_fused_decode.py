@@ -7,7 +7,9 @@ import torch
 
 from lmforge.config import Config
 from lmforge.generation import fused_decode
-from lmforge.generation.generate import generate_ids
+from lmforge.generation import generate
+from lmforge.generation.fused_decode import decode_step
+from lmforge.generation.generate import decode_one_token, generate_ids
 from lmforge.generation.kv_cache import KVCache
 from lmforge.generation.sampling import SamplingParams
 from lmforge.kernels import gemv
@@ -51,12 +53,12 @@ def test_fused_step_equals_the_modules(name):
     assert_fused_equals_modules(model, torch.randint(0, model.config.vocab_size, (3, 6)), 16)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_embd": 80, "intermediate_size": 136}])
-def test_long_contexts_split_the_keys_between_threads(overrides):
-    """150 keys are attended in parts whose softmax sums are merged (attention.h); a head width of
-    20 and an MLP of 136 take the loops' scalar tails (16 lanes per vector)."""
-    model = tiny("tiny-llama", seed=1, **overrides)
-    assert_fused_equals_modules(model, torch.randint(0, model.config.vocab_size, (2, 150)), 6)
+@pytest.mark.parametrize("overrides", [{"n_embd": 96}, {"n_embd": 120, "intermediate_size": 136}])
+def test_long_contexts_split_the_keys_between_threads(overrides, two_threads):
+    """3 KV heads on 2 threads: each row's 150 keys are attended in 2 parts whose softmax sums are
+    merged (attention.h); a head width of 20 and an MLP of 136 take the loops' scalar tails."""
+    model = tiny("tiny-llama", seed=1, n_head=6, n_kv_head=3, **overrides)
+    assert_fused_equals_modules(model, torch.randint(0, model.config.vocab_size, (1, 150)), 6)
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -122,6 +124,62 @@ def test_greedy_generation_is_unchanged_by_the_fused_step():
     fused = generate_ids(model, [[1, 2, 3]], params)
     model.fused_decode = False
     assert generate_ids(model, [[1, 2, 3]], params) == fused
+
+
+def lean_logits(model, prompt: torch.Tensor, steps: int, aligned: bool) -> tuple[torch.Tensor, KVCache]:
+    """Greedy steps through decode_one_token: `aligned` takes decode_step, else model.forward (modules)."""
+    model.fused_decode = aligned
+    cache = KVCache(model.config, prompt.shape[0], prompt.shape[1] + steps)
+    pos = torch.full((prompt.shape[0], 1), prompt.shape[1])
+    with torch.inference_mode():
+        logits = model(prompt, cache=cache, last_only=True)[:, -1]
+        out = []
+        for step in range(steps):
+            logits = decode_one_token(model, logits.argmax(-1), pos + step, cache, aligned)
+            out.append(logits)
+    model.fused_decode = True
+    return torch.stack(out, dim=1), cache
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_decode_step_skips_forward_and_matches_it(name):
+    """Embedding (Gemma's scale), both rope kinds, blocks and head in one call: the modules' logits,
+    keys and values, and the slot positions and validity cache.reserve would have recorded."""
+    model = tiny(name, seed=5)
+    prompt = torch.randint(0, model.config.vocab_size, (3, 5))
+    with torch.inference_mode():
+        assert decode_step(model, prompt[:, 0], KVCache(model.config, 3, 4)) is not None
+    lean, lean_cache = lean_logits(model, prompt, 12, aligned=True)
+    slow, slow_cache = lean_logits(model, prompt, 12, aligned=False)
+    torch.testing.assert_close(lean, slow, rtol=1e-4, atol=1e-4)
+    assert lean_cache.length == slow_cache.length == 17
+    assert torch.equal(lean_cache.positions, slow_cache.positions) and torch.equal(lean_cache.valid, slow_cache.valid)
+    torch.testing.assert_close(torch.stack(lean_cache.k), torch.stack(slow_cache.k), rtol=1e-4, atol=1e-4)
+
+
+def test_decode_step_leaves_what_it_cannot_run_to_forward():
+    """Autograd, a softcapped head and a full cache return None, and forward then runs or raises its error."""
+    model = tiny("tiny-llama", seed=6)
+    token = torch.tensor([3])
+    assert decode_step(model, token, KVCache(model.config, 1, 4)) is None  # autograd on
+    with torch.inference_mode():
+        assert decode_step(tiny("tiny-llama", final_logit_softcap=5.0), token, KVCache(model.config, 1, 4)) is None
+        full = KVCache(model.config, 1, 1)
+        full.length = 1
+        assert decode_step(model, token, full) is None
+        with pytest.raises(ValueError, match="KV cache holds 1 tokens"):
+            decode_one_token(model, token, torch.tensor([[1]]), full, aligned=True)
+
+
+def test_generation_takes_the_lean_step_only_without_padding(monkeypatch):
+    calls = []
+    monkeypatch.setattr(generate, "decode_step", lambda *a: calls.append(1) or fused_decode.decode_step(*a))
+    model = tiny("tiny-llama", seed=7)
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    generate_ids(model, [[1, 2, 3]], params)
+    assert len(calls) == 3
+    generate_ids(model, [[1, 2, 3], [4]], params)
+    assert len(calls) == 3
 
 
 def _paged_step(model, rows: int, slot: int = 0):

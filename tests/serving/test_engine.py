@@ -244,9 +244,11 @@ def test_decode_steps_run_fused_over_the_paged_cache(model, monkeypatch):
 
 
 @needs_kernels
-def test_fused_paged_steps_mix_long_and_short_sequences(model, monkeypatch):
-    """A 180-token prompt beside 1- and 2-token ones: attention splits the longest row's keys into
-    parts, so the short rows get empty parts, which the merge must skip."""
+def test_fused_paged_steps_mix_long_and_short_sequences(monkeypatch, two_threads):
+    """A 180-token prompt beside 1- and 2-token ones, one KV head, 2 threads: attention cuts each row's
+    keys into 2 parts, so the 1-token row gets an empty part, which the merge must skip."""
+    torch.manual_seed(0)
+    model = build_model(Config.from_name("tiny-llama", n_kv_head=1)).eval()
     rows = _fused_step_rows(monkeypatch)
     engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=16, num_blocks=64, prefix_caching=False))
     pairs = _both_paths(engine)
