@@ -71,6 +71,9 @@ struct Matrix {
     else in.int4.prepare(x, rows, k, group);
   }
 
+  // Whether this matrix's products read x by dot products, as 4 streams (f32.h linear_f32_streams).
+  bool streams(const MatrixInput& in) const { return w && in.f32.lanes == 0; }
+
   // Rows [n0, n0 + kRows) of y (rows, n) = x (rows, k) @ W^T for x prepared by prepare().
   void block(int64_t rows, int64_t n0, float* y, const MatrixInput& in) const {
     const int64_t count = std::min(kRows, n - n0);
@@ -81,10 +84,19 @@ struct Matrix {
       for (int64_t r = n0; r < n0 + count; ++r)
         int4_row_any(q + r * (k / 2), s + r * g_count, z + r * g_count, in.int4, y + r, n);
     }
-    if (b) {
+    add_bias(rows, n0, n0 + count, y);
+  }
+
+  // Rows [lo, hi) of y as 4 streams; for matrices where streams() holds.
+  void rows_as_streams(int64_t rows, int64_t lo, int64_t hi, float* y, const MatrixInput& in) const {
+    linear_f32_streams(in.f32, w, n, lo, hi, y);
+    add_bias(rows, lo, hi, y);
+  }
+
+  void add_bias(int64_t rows, int64_t lo, int64_t hi, float* y) const {
+    if (b)
       for (int64_t m = 0; m < rows; ++m)
-        for (int64_t r = n0; r < n0 + count; ++r) y[m * n + r] += b[r];
-    }
+        for (int64_t r = lo; r < hi; ++r) y[m * n + r] += b[r];
   }
 };
 
@@ -100,6 +112,16 @@ void apply(std::initializer_list<std::pair<const Matrix*, float*>> items, const 
     mat->prepare(x, rows, in[count]);
     first[count + 1] = first[count] + (mat->n + kRows - 1) / kRows;
     ++count;
+  }
+  bool streams = true;
+  for (int64_t i = 0; i < count; ++i) streams = streams && mats[i]->streams(in[i]);
+  if (streams) {  // few rows of fp32 x (batch-1 decode): each thread reads its share of each matrix as 4 streams
+#pragma omp parallel num_threads(at::get_num_threads())
+    for (int64_t i = 0; i < count; ++i) {
+      const auto [lo, hi] = thread_share(mats[i]->n);
+      mats[i]->rows_as_streams(rows, lo, hi, outs[i], in[i]);
+    }
+    return;
   }
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t b = 0; b < first[count]; ++b) {

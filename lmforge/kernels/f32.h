@@ -1,8 +1,9 @@
 // fp32 matrix products for a few rows of x: y (M, N) = x (M, K) @ W (N, K)^T, W row-major (nn.Linear's).
 //
 // Two loop shapes, by M. Up to 4 rows the product is bound by reading W: dot products of 4 weight
-// rows with each row of x, prefetching the weights 32 KB ahead into L2. From 5 rows on it becomes bound by
-// arithmetic, and dot products waste it on horizontal sums; there the rows of x are transposed once
+// rows with each row of x, the 4 rows taken from 4 quarters of the range a thread reads (4 streams
+// keep more memory requests in flight than 1), prefetching 32 KB ahead into L2. From 5 rows on it
+// becomes bound by arithmetic, and dot products waste it on horizontal sums; there the rows of x are transposed once
 // per call so that they lie across the lanes of a vector (8 lanes up to 8 rows, 16 per vector
 // above), and each weight is broadcast and multiplied into all of them: 8 weight rows at a time
 // keep 8 (or 16) accumulators busy with no reductions (docs/benchmarks.md, kernels section).
@@ -13,6 +14,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -92,35 +95,52 @@ inline void prefetch_ahead(const float* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T1);
 }
 
-// Dot products of 4 consecutive weight rows r (stride k) with MR rows of x: y[m * y_stride + j] for
-// x row m, weight row j. With `ahead`, the weights further on are prefetched on the way.
-template <int MR>
-inline void dot_4xM(const float* r, int64_t k, const float* x, float* y, int64_t y_stride, bool ahead) {
-  __m512 acc[MR][4];
+// Dot products of J weight rows r[j] (anywhere in memory) with MR rows of x (stride k): y[j][m * y_stride].
+// Each row's sum runs in the same order whatever J, so a row's result does not depend on its group.
+// With `ahead`, the weights further on are prefetched on the way.
+template <int J, int MR>
+inline void dot_rows(const float* const* r, int64_t k, const float* x, float* const* y, int64_t y_stride, bool ahead) {
+  __m512 acc[MR][J];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int j = 0; j < J; ++j) acc[m][j] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
     if (ahead)
-      for (int j = 0; j < 4; ++j) prefetch_ahead(r + j * k + i);
-    __m512 w[4];
-    for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_ps(r + j * k + i);
+      for (int j = 0; j < J; ++j) prefetch_ahead(r[j] + i);
+    __m512 w[J];
+    for (int j = 0; j < J; ++j) w[j] = _mm512_loadu_ps(r[j] + i);
     for (int m = 0; m < MR; ++m) {
       const __m512 xv = _mm512_loadu_ps(x + m * k + i);
-      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
+      for (int j = 0; j < J; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
     }
   }
   if (i < k) {  // tail: masked loads read only the valid columns
     const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1);
-    __m512 w[4];
-    for (int j = 0; j < 4; ++j) w[j] = _mm512_maskz_loadu_ps(mask, r + j * k + i);
+    __m512 w[J];
+    for (int j = 0; j < J; ++j) w[j] = _mm512_maskz_loadu_ps(mask, r[j] + i);
     for (int m = 0; m < MR; ++m) {
       const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * k + i);
-      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
+      for (int j = 0; j < J; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], xv, acc[m][j]);
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < 4; ++j) y[m * y_stride + j] = _mm512_reduce_add_ps(acc[m][j]);
+    for (int j = 0; j < J; ++j) y[j][m * y_stride] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+// J weight rows times every row of x (up to kDotRows), 4, 2 or 1 rows of x per pass; y (rows, n).
+template <int J>
+inline void dot_rows_all(const F32Input& in, const float* const* r, float* const* y, int64_t n) {
+  float* out[J];
+  int64_t m = 0;
+  auto pass = [&](auto rows_of_x) {
+    constexpr int MR = decltype(rows_of_x)::value;
+    for (int j = 0; j < J; ++j) out[j] = y[j] + m * n;
+    dot_rows<J, MR>(r, in.k, in.x + m * in.k, out, n, m == 0);
+    m += MR;
+  };
+  while (m + 4 <= in.rows) pass(std::integral_constant<int, 4>{});
+  while (m + 2 <= in.rows) pass(std::integral_constant<int, 2>{});
+  while (m < in.rows) pass(std::integral_constant<int, 1>{});
 }
 
 // kRows weight rows w (stride k) times the transposed rows xt (k, 8) of up to 8 rows of x.
@@ -181,15 +201,6 @@ inline void linear_f32_block(const F32Input& in, const float* w, int64_t n, int6
   const int64_t count = std::min(kRows, n - n0), k = in.k;
   const float* r = w + n0 * k;
 #if defined(__AVX512F__)
-  if (count == kRows && in.lanes == 0) {
-    for (int64_t half = 0; half < kRows; half += 4) {
-      int64_t m = 0;
-      for (; m + 4 <= in.rows; m += 4) dot_4xM<4>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m == 0);
-      for (; m + 2 <= in.rows; m += 2) dot_4xM<2>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m == 0);
-      for (; m < in.rows; ++m) dot_4xM<1>(r + half * k, k, in.x + m * k, y + m * n + n0 + half, n, m == 0);
-    }
-    return;
-  }
   if (count == kRows && in.lanes == 8) return lanes8_block(in.xt.data(), k, r, in.rows, y + n0, n);
   if (count == kRows) {
     for (int64_t c = 0; c * kLaneChunk < in.rows; ++c) {
@@ -205,10 +216,52 @@ inline void linear_f32_block(const F32Input& in, const float* w, int64_t n, int6
     for (int64_t j = 0; j < count; ++j) y[m * n + n0 + j] = dot(r + j * k, in.x + m * k, k);
 }
 
+// Weight rows [lo, hi) of y (rows, n) = x @ w^T for input prepared with dot products (lanes == 0): the
+// range is cut into 4 quarters read in lockstep, one row of each per pass. Four streams far apart keep
+// more memory requests in flight than one: 1.1-1.25x the bandwidth of reading the rows in order over
+// SmolLM2's matrices on this 2-core machine (docs/benchmarks.md). The last hi - lo mod 4 rows come after.
+inline void linear_f32_streams(const F32Input& in, const float* w, int64_t n, int64_t lo, int64_t hi, float* y) {
+  const int64_t quarter = (hi - lo) / 4, k = in.k;
+#if defined(__AVX512F__)
+  for (int64_t i = 0; i < quarter; ++i) {
+    const float* r[4];
+    float* out[4];
+    for (int s = 0; s < 4; ++s) {
+      const int64_t row = lo + s * quarter + i;
+      r[s] = w + row * k, out[s] = y + row;
+    }
+    dot_rows_all<4>(in, r, out, n);
+  }
+  for (int64_t row = lo + 4 * quarter; row < hi; ++row) {
+    const float* r[1] = {w + row * k};
+    float* out[1] = {y + row};
+    dot_rows_all<1>(in, r, out, n);
+  }
+#else
+  for (int64_t row = lo; row < hi; ++row)
+    for (int64_t m = 0; m < in.rows; ++m) y[m * n + row] = dot(w + row * k, in.x + m * k, k);
+  (void)quarter;
+#endif
+}
+
+// This thread's share [lo, hi) of n rows split evenly over the threads of the enclosing parallel region.
+inline std::pair<int64_t, int64_t> thread_share(int64_t n) {
+  const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+  return {n * t / threads, n * (t + 1) / threads};
+}
+
 // y (m_rows, n) = x (m_rows, k) @ w (n, k)^T, w row-major fp32.
 inline void linear_f32(const float* x, int64_t m_rows, int64_t k, const float* w, int64_t n, float* y) {
   F32Input in;
   in.prepare(x, m_rows, k);
+  if (in.lanes == 0) {
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      const auto [lo, hi] = thread_share(n);
+      linear_f32_streams(in, w, n, lo, hi, y);
+    }
+    return;
+  }
   const int64_t blocks = (n + kRows - 1) / kRows;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t b = 0; b < blocks; ++b) linear_f32_block(in, w, n, b * kRows, y);

@@ -16,13 +16,33 @@ needs_kernels = pytest.mark.skipif(ext is None, reason="lmforge's CPU kernels co
 @needs_kernels
 @pytest.mark.parametrize("m, n, k", [(1, 960, 576), (3, 7, 33), (8, 130, 1536), (5, 1, 16), (1, 5, 10), (7, 64, 40),
                                      (64, 36, 576), (4, 20, 48), (9, 24, 7), (16, 200, 576), (17, 13, 100),
-                                     (32, 8, 1536), (33, 40, 64), (47, 9, 576)])
+                                     (32, 8, 1536), (33, 40, 64), (47, 9, 576), (2, 11, 576), (1, 3, 64),
+                                     (4, 1003, 100)])
 def test_linear_f32_equals_matmul(m, n, k):
-    """Every way the kernel splits a shape: dot products up to 4 rows, 8 lanes up to 8, 16-lane vectors in
-    chunks of 32 rows above (one or two per chunk); N not a multiple of 8, K not a multiple of 16."""
+    """Every way the kernel splits a shape: dot products up to 4 rows (weight rows in 4 streams, and the
+    rows left over), 8 lanes up to 8, 16-lane vectors in chunks of 32 rows above (one or two per chunk);
+    N not a multiple of 8, K not a multiple of 16."""
     torch.manual_seed(0)
     x, w = torch.randn(m, k), torch.randn(n, k)
     torch.testing.assert_close(ext.linear_f32(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3])
+def test_a_rows_result_does_not_depend_on_where_it_is_read(m):
+    """The 4-stream dot products sum each weight row in one fixed order: the same bits whichever stream,
+    leftover row or thread reads it (decode gives the same tokens on any core count)."""
+    torch.manual_seed(1)
+    x, w = torch.randn(m, 200), torch.randn(203, 200)
+    pick = torch.randperm(203)[:37]
+    before = torch.get_num_threads()
+    try:
+        full = ext.linear_f32(x, w)
+        torch.set_num_threads(1)
+        assert torch.equal(ext.linear_f32(x, w), full)
+        assert torch.equal(ext.linear_f32(x, w[pick].contiguous()), full[:, pick])
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernels
