@@ -283,6 +283,8 @@ def write_docs(text: str, command: str, meta: dict, skipped: list[str]) -> None:
         f"come from (`--threads 1` is steadier on a busy machine).{skipped_line}\n\n{text}\n\n"
         f"Raw numbers per round: `bench/results/foundation.json`.")
     write_docs_section(ROOT / "docs" / "benchmarks.md", "foundation", section)
+    write_docs_section(ROOT / "README.md", "foundation-table",
+                       f"`{command}`, {meta['date']} (details in docs/benchmarks.md):\n\n{text}")
 
 
 def machine_meta(args, prompt_tokens: int) -> dict:
