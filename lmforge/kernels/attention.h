@@ -157,7 +157,7 @@ inline void attend_part(const AttentionShape& a, const LayerKV& kv, int64_t b, i
 
 // How many parts each row's keys are cut into for `pairs` (row, KV head) pairs: the fewest that give
 // every thread the same number of items (each part costs a pass setup and a merge; 2 parts for SmolLM2's
-// 3 KV heads at batch 1 ran 1.15-1.3x faster than 5), else ~8 items per thread; never under 64 keys a part.
+// 3 KV heads at batch 1 ran 1.14-1.35x faster than 5), else ~8 items per thread; never under 64 keys a part.
 inline int64_t part_count(int64_t pairs, int64_t threads, int64_t longest) {
   const int64_t most = std::max<int64_t>(1, longest / kMinPartKeys);
   for (int64_t parts = 1; parts <= most; ++parts)
