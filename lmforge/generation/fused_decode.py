@@ -171,10 +171,7 @@ def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor | None:
     tables = [model.rope_tables(kind, slot + 1, x.device) for kind in sorted(set(model.config.layer_types))]
     cos = [cos[slot:slot + 1].expand(B, -1).contiguous() for cos, _ in tables]
     sin = [sin[slot:slot + 1].expand(B, -1).contiguous() for _, sin in tables]
-    cache.positions[:, slot], cache.valid[:, slot] = slot, True  # what cache.reserve records
-    logits = gemv.extension().decode_layers(plan, x, cache.k, cache.v, slot, cos, sin, logits=True)
-    cache.length = slot + 1
-    return logits
+    return gemv.extension().decode_layers(plan, x, cache.k, cache.v, cache.reserve_aligned(), cos, sin, logits=True)
 
 
 def run_blocks(model, x: torch.Tensor, cache, contexts: dict, logits: bool) -> tuple[torch.Tensor, bool] | None:

@@ -29,13 +29,24 @@ class KVCache:
     def reserve(self, positions: torch.Tensor, valid: torch.Tensor) -> int:
         """Claim the next T slots for tokens at `positions` (B, T); return the first slot."""
         start, T = self.length, positions.shape[1]
-        if start + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens and {start + T} were fed; "
-                             "allocate a larger cache (max_len) or shorten the prompt / max_new_tokens")
+        self._check_room(start + T)
         self.positions[:, start:start + T] = positions
         self.valid[:, start:start + T] = valid
         self.length = start + T
         return start
+
+    def reserve_aligned(self) -> int:
+        """Claim the next slot for one real token per row whose position is the slot (no padding)."""
+        slot = self.length
+        self._check_room(slot + 1)
+        self.positions[:, slot], self.valid[:, slot] = slot, True
+        self.length = slot + 1
+        return slot
+
+    def _check_room(self, fed: int) -> None:
+        if fed > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens and {fed} were fed; "
+                             "allocate a larger cache (max_len) or shorten the prompt / max_new_tokens")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, key_lo: int
                ) -> tuple[torch.Tensor, torch.Tensor]:

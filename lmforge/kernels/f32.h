@@ -199,26 +199,6 @@ inline void lanes16_block(const float* xt, int64_t k, const float* w, int64_t ro
 }
 #endif
 
-// Columns [n0, n0 + kRows) of y (rows, n) = x @ w^T (fewer at the end of w) for prepared input `in`.
-inline void linear_f32_block(const F32Input& in, const float* w, int64_t n, int64_t n0, float* y) {
-  const int64_t count = std::min(kRows, n - n0), k = in.k;
-  const float* r = w + n0 * k;
-#if defined(__AVX512F__)
-  if (count == kRows && in.lanes == 8) return lanes8_block(in.xt.data(), k, r, in.rows, y + n0, n);
-  if (count == kRows) {
-    for (int64_t c = 0; c * kLaneChunk < in.rows; ++c) {
-      const int64_t first = c * kLaneChunk, rows = std::min(in.rows - first, kLaneChunk);
-      float* out = y + first * n + n0;
-      if (in.width(c) == 32) lanes16_block<2>(in.chunk(c), k, r, rows, out, n);
-      else lanes16_block<1>(in.chunk(c), k, r, rows, out, n);
-    }
-    return;
-  }
-#endif
-  for (int64_t m = 0; m < in.rows; ++m)  // the last rows of a matrix whose height is not a multiple of 8
-    for (int64_t j = 0; j < count; ++j) y[m * n + n0 + j] = dot(r + j * k, in.x + m * k, k);
-}
-
 // Weight rows [lo, hi) of y (rows, n) = x @ w^T for input prepared with dot products (lanes == 0): the
 // range is cut into 4 quarters read in lockstep, one row of each per pass. Four streams far apart keep
 // more memory requests in flight than one: 1.1-1.25x the bandwidth of reading the rows in order over
@@ -245,6 +225,27 @@ inline void linear_f32_streams(const F32Input& in, const float* w, int64_t n, in
     for (int64_t m = 0; m < in.rows; ++m) y[m * n + row] = dot(w + row * k, in.x + m * k, k);
   (void)quarter;
 #endif
+}
+
+// Columns [n0, n0 + kRows) of y (rows, n) = x @ w^T (fewer at the end of w) for prepared input `in`.
+inline void linear_f32_block(const F32Input& in, const float* w, int64_t n, int64_t n0, float* y) {
+  const int64_t count = std::min(kRows, n - n0), k = in.k;
+  const float* r = w + n0 * k;
+  if (in.lanes == 0) return linear_f32_streams(in, w, n, n0, n0 + count, y);  // beside int4 matrices in apply()
+#if defined(__AVX512F__)
+  if (count == kRows && in.lanes == 8) return lanes8_block(in.xt.data(), k, r, in.rows, y + n0, n);
+  if (count == kRows) {
+    for (int64_t c = 0; c * kLaneChunk < in.rows; ++c) {
+      const int64_t first = c * kLaneChunk, rows = std::min(in.rows - first, kLaneChunk);
+      float* out = y + first * n + n0;
+      if (in.width(c) == 32) lanes16_block<2>(in.chunk(c), k, r, rows, out, n);
+      else lanes16_block<1>(in.chunk(c), k, r, rows, out, n);
+    }
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < in.rows; ++m)  // the last rows of a matrix whose height is not a multiple of 8
+    for (int64_t j = 0; j < count; ++j) y[m * n + n0 + j] = dot(r + j * k, in.x + m * k, k);
 }
 
 // This thread's share [lo, hi) of n rows split evenly over the threads of the enclosing parallel region.

@@ -74,9 +74,16 @@ def test_the_step_ends_in_logits_unless_the_head_needs_python(softcap):
 INT4_TOLERANCE = dict(rtol=0.02, atol=0.02)
 
 
-def test_fused_step_runs_int4_weights_and_matches_their_modules():
+@pytest.mark.parametrize("float_v", [False, True])
+def test_fused_step_runs_int4_weights_and_matches_their_modules(float_v):
+    """All int4, or an fp32 v_proj (weights x4, so that it matters) beside int4 q/k in one product call."""
     model = tiny("tiny-llama")
+    float_attn = tiny("tiny-llama").model.layers[0].self_attn
     quantize_model(model, QuantConfig(method="int4", group_size=32))
+    if float_v:
+        with torch.no_grad():
+            float_attn.v_proj.weight.mul_(4)
+        model.model.layers[0].self_attn.v_proj = float_attn.v_proj
     prompt = torch.randint(0, 256, (1, 5))
     fused = decode_logits(model, prompt, 8, fused=True)
     assert fused_decode.plan_for(model) is not None
