@@ -169,8 +169,8 @@ def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor | None:
     if not _fp32_cpu(x):
         return None
     tables = [model.rope_tables(kind, slot + 1, x.device) for kind in sorted(set(model.config.layer_types))]
-    cos = [cos[slot:slot + 1].expand(B, -1).contiguous() for cos, _ in tables]
-    sin = [sin[slot:slot + 1].expand(B, -1).contiguous() for _, sin in tables]
+    cos = [table[slot:slot + 1].expand(B, -1).contiguous() for table, _ in tables]
+    sin = [table[slot:slot + 1].expand(B, -1).contiguous() for _, table in tables]
     return gemv.extension().decode_layers(plan, x, cache.k, cache.v, cache.reserve_aligned(), cos, sin, logits=True)
 
 
