@@ -6,13 +6,14 @@ runs them alone.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
 
 import psutil
 import torch
+
+from lmforge.atomic import atomic_write_text
 
 
 def peak_rss_mib() -> float:
@@ -91,6 +92,4 @@ def write_docs_section(docs: Path, name: str, body: str) -> None:
         current = current[:current.index(start)] + section + current[current.index(end) + len(end):]
     else:
         current = current.rstrip() + "\n\n" + section + "\n"
-    tmp = docs.with_name(docs.name + ".tmp")
-    tmp.write_text(current)
-    os.replace(tmp, docs)
+    atomic_write_text(docs, current)

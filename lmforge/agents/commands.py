@@ -23,7 +23,7 @@ def agent_command(question: str, model: str = hub.DEFAULT_MODEL, index: str | No
     from lmforge.agents.react import AgentConfig, LMPolicy, run_agent
     from lmforge.agents.tools import calculator, clock, search
     from lmforge.checkpoint.load import load
-    from lmforge.data.io import atomic_write_text
+    from lmforge.atomic import atomic_write_text
 
     loaded = load(hub.resolve(model, pull_missing=model in hub.REGISTRY))
     tools = [calculator(), clock()]

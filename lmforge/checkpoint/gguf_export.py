@@ -10,8 +10,6 @@ Hugging Face tokenizer.json (byte-level BPE only, llama.cpp's "gpt2" tokenizer m
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ from gguf import LlamaFileType, RopeScalingType, TokenType
 from gguf.quants import quantize
 from tqdm import tqdm
 
+from lmforge.atomic import atomic_write
 from lmforge.checkpoint.gguf import ARCH_STYLE
 from lmforge.checkpoint.gguf_file import GGUFFile
 from lmforge.config import Config
@@ -274,22 +273,16 @@ def _check_target(path: Path) -> None:
 
 def _write_atomically(writer: GGUFWriter, path: Path) -> None:
     """Header, metadata and tensors into a temp file beside `path`, renamed over it only when complete."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        writer.write_header_to_file(Path(tmp))
+    def write(tmp: Path) -> None:
+        writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
     except OSError as err:
         raise OSError(f"could not write {path} ({err.strerror or err}); no file was left behind -- "
                       "check free space and permissions, or choose another path") from err
     finally:
         writer.close()
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.io import atomic_write_json, read_json
+from lmforge.atomic import atomic_write_json
+from lmforge.data.io import read_json
 
 FEATURES = ("symbol_ratio", "digit_ratio", "upper_ratio", "mean_word_len", "std_word_len", "long_word_ratio",
             "short_word_ratio", "wordlike_ratio", "stopword_ratio", "repetition", "compress_ratio",

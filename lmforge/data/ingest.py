@@ -21,7 +21,8 @@ from lmforge.data.chunk import ChunkConfig, Span, TokenizerLike, chunk_document
 from lmforge.data.clean import CleanConfig, clean_pages
 from lmforge.data.dedup import DedupConfig, dedup
 from lmforge.data.garbage import GarbageConfig, GarbageModel, features, score
-from lmforge.data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
+from lmforge.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from lmforge.data.io import read_json
 from lmforge.data.parallel import run_tasks
 from lmforge.data.pdf import ExtractConfig, extract_pdf
 

@@ -7,7 +7,7 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from lmforge.data.io import atomic_write_bytes
+from lmforge.atomic import atomic_write_bytes
 
 STAGES = ("extract", "clean", "features", "garbage", "chunk")
 

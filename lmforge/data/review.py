@@ -17,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from lmforge.data.garbage import GarbageConfig, GarbageModel, score, train
-from lmforge.data.io import atomic_write_json, read_json, read_jsonl
+from lmforge.atomic import atomic_write_json
+from lmforge.data.io import read_json, read_jsonl
 
 PAGE = Path(__file__).with_name("review.html")
 LABELS = ("keep", "discard")

@@ -3,18 +3,20 @@
 A batch-1 decode step of SmolLM2 is ~5,000 PyTorch op calls (views included); their launch cost is
 larger than the weight reads once the matrix products run on lmforge's GEMV kernels. This
 module turns a Transformer into a `Plan` for lmforge/kernels/decode.cpp (the same block, as
-loops) and runs it when the step qualifies: one token per row, at most 8 rows, no padding in
-the static KV cache, no autograd, fp32 CPU weights that are plain or int4 linears, an RMSNorm
-+ RoPE + gated-MLP architecture. The serving engine's steps of decodes only run the same way over
-its paged cache (`run_paged`; up to 64 rows when no weight is int4). Generation without padding
-skips model.forward as well (`decode_step`: embedding, rope rows, the call). Anything else takes the
-PyTorch modules, unchanged. The plan is rebuilt whenever a module or weight it read was replaced
-(quantizing, LoRA, loading).
+loops) and runs it. The model never calls it: its two callers choose it explicitly, generation
+for the static KV cache (`decode_step`) and the serving engine's model runner for steps of decodes
+only over its paged cache (`paged_step`). Both go from token ids to logits without model.forward
+and return None when the step does not qualify (autograd, padding, a part decode.cpp does not run,
+too many rows); the caller then runs model.forward, unchanged. The plan is rebuilt whenever a
+module or weight it read was replaced (quantizing, LoRA, loading, a dtype round trip).
+`disabled()` turns the fused step off, for references in tests and A/B runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -26,6 +28,7 @@ from lmforge.model.norm import RMSNorm
 LINEARS = (("self_attn", "q_proj", "q"), ("self_attn", "k_proj", "k"), ("self_attn", "v_proj", "v"),
            ("self_attn", "o_proj", "o"), ("mlp", "gate_proj", "gate"), ("mlp", "up_proj", "up"),
            ("mlp", "down_proj", "down"))
+ENABLED = True  # callers take the fused step where it qualifies; `disabled()` turns it off
 NORMS = (("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_attention_norm"),
          ("pre_feedforward_layernorm", "pre_feedforward_norm"), ("post_feedforward_layernorm", "post_feedforward_norm"))
 
@@ -61,11 +64,14 @@ def _watch(checks: list, mapping: dict, key: str) -> None:
 
 
 def _watch_linear(checks: list, holder: dict, name: str) -> None:
-    """Watch the linear holder[name], its weight and bias, and an Int4Linear's GEMV packing."""
+    """Watch the linear holder[name], its weight, bias and buffers (quantized codes, GGUF blocks), and an
+    Int4Linear's GEMV packing."""
     _watch(checks, holder, name)
     module = holder[name]
     _watch(checks, module._parameters, "weight")
     _watch(checks, module._parameters, "bias")
+    for buffer in module._buffers:
+        _watch(checks, module._buffers, buffer)
     if "_kernel_cache" in module.__dict__:  # Int4Linear: its GEMV packing, dropped on reload
         _watch(checks, module.__dict__, "_kernel_cache")
         if isinstance(module.__dict__["_kernel_cache"], dict):
@@ -92,10 +98,20 @@ def watch_list(model) -> list[tuple[dict, str, object]]:
     return checks
 
 
-def _still_valid(checks: tuple[list, list, list]) -> bool:
-    """Every recorded entry still holds the same object (C-level loop: ~1,300 entries per SmolLM2 step)."""
-    mappings, keys, values = checks
-    return all(map(operator.is_, map(dict.get, mappings, keys), values))
+def _snapshot(checks: list[tuple[dict, str, object]]) -> tuple:
+    """The watch list as columns, plus every watched tensor's storage address: `.to(dtype)` and
+    `.float()` swap a Parameter's data in place, which the identity checks alone would miss."""
+    mappings, keys, values = (list(column) for column in zip(*checks))
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    return mappings, keys, values, tensors, list(map(torch.Tensor.data_ptr, tensors))
+
+
+def _still_valid(snapshot: tuple) -> bool:
+    """Every recorded entry still holds the same object and storage (C-level loops: ~1,300 entries
+    per SmolLM2 step)."""
+    mappings, keys, values, tensors, pointers = snapshot
+    return (all(map(operator.is_, map(dict.get, mappings, keys), values))
+            and list(map(torch.Tensor.data_ptr, tensors)) == pointers)
 
 
 def build_plan(model):
@@ -149,70 +165,83 @@ def plan_for(model):
     cached = model.__dict__.get("_fused_plan")
     if cached is None or not _still_valid(cached[0]):
         plan = build_plan(model)  # packs int4 weights first, so the watch list sees the packings
-        cached = (tuple(map(list, zip(*watch_list(model)))), plan)
+        cached = (_snapshot(watch_list(model)), plan)
         model.__dict__["_fused_plan"] = cached
     return cached[1]
 
 
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run every step through model.forward (the PyTorch modules) inside the block."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+def _finish(model, plan, out: torch.Tensor) -> torch.Tensor:
+    """Logits from the kernel's output: as they are when the plan ran the head, else the final norm
+    and lm_head in PyTorch (a softcapped head, a head decode.cpp does not run)."""
+    return out if plan.has_head else model.logits(model.model.norm(out))
+
+
+def _rope_rows(model, positions: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """cos and sin rows (N, head_dim) of `positions` (N,) for each rope kind, in build_plan's order."""
+    kinds = sorted(set(model.config.layer_types))
+    tables = [model.rope_tables(kind, int(positions.max()) + 1, positions.device) for kind in kinds]
+    return [cos[positions].contiguous() for cos, _ in tables], [sin[positions].contiguous() for _, sin in tables]
+
+
+def _usable(model, rows: int, limit: int, cache_k: list[torch.Tensor]) -> bool:
+    """The checks both entry points share: fused decode on, few enough rows, no autograd, fp32 CPU cache."""
+    return (ENABLED and rows <= limit and not torch.is_grad_enabled() and supported_architecture(model.config)
+            and all(map(_fp32_cpu, cache_k)))
+
+
 def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor | None:
-    """Logits (B, vocab) for tokens (B,) fed at the cache's next slot, from the embedding to the logits
-    without model.forward (0.3-0.4 ms of Python per step less), for a cache without padding whose slot t
-    holds position t; None when the step needs forward (not fused, a softcapped head, no slot left)."""
+    """Logits (B, vocab) for tokens (B,) fed at the static cache's next slot, for a cache without padding
+    whose slot t holds position t; None when the step needs model.forward (not fused, too many rows, no
+    slot left): forward then runs it, or raises its clear error for a full cache or context."""
     B, slot = tokens.shape[0], cache.length
-    if (not getattr(model, "fused_decode", False) or B > gemv.MAX_ROWS or torch.is_grad_enabled()
-            or slot >= min(cache.max_len, model.config.block_size) or not _fp32_cpu(cache.k[0])):
-        return None  # forward takes it, or raises its error for a full cache or context
-    plan = plan_for(model)
-    if plan is None or not plan.has_head:
-        return None
-    x = model.embed(tokens[:, None], None).view(B, -1)
-    if not _fp32_cpu(x):
-        return None
-    tables = [model.rope_tables(kind, slot + 1, x.device) for kind in sorted(set(model.config.layer_types))]
-    cos = [table[slot:slot + 1].expand(B, -1).contiguous() for table, _ in tables]
-    sin = [table[slot:slot + 1].expand(B, -1).contiguous() for _, table in tables]
-    return gemv.extension().decode_layers(plan, x, cache.k, cache.v, cache.reserve_aligned(), cos, sin, logits=True)
-
-
-def run_blocks(model, x: torch.Tensor, cache, contexts: dict, logits: bool) -> tuple[torch.Tensor, bool] | None:
-    """(x (B, 1, n_embd) after every block, False), or with `logits` (logits (B, 1, vocab), True) when
-    the plan can also run the final norm and lm_head, by decode.cpp; None when this step does not qualify."""
-    B, T, D = x.shape
-    if (T != 1 or B > gemv.MAX_ROWS or torch.is_grad_enabled() or not _fp32_cpu(x)
-            or not all(ctx.mask is None and ctx.cache is cache for ctx in contexts.values())
-            or not all(map(_fp32_cpu, cache.k)) or not all(map(_fp32_cpu, cache.v))):
+    if not _usable(model, B, gemv.MAX_ROWS, cache.k) or slot >= min(cache.max_len, model.config.block_size):
         return None
     plan = plan_for(model)
     if plan is None:
         return None
-    kinds = sorted(contexts)
-    cos = [contexts[k].rope[0].reshape(B, -1).float().contiguous() for k in kinds]
-    sin = [contexts[k].rope[1].reshape(B, -1).float().contiguous() for k in kinds]
-    start = contexts[kinds[0]].start
-    out = gemv.extension().decode_layers(plan, x.reshape(B, D).contiguous(), cache.k, cache.v, start, cos, sin,
-                                         logits=logits)
-    return out.view(B, 1, -1), logits and plan.has_head
+    x = model.embed(tokens[:, None], None).view(B, -1)
+    if not _fp32_cpu(x):
+        return None
+    cos, sin = _rope_rows(model, torch.full((B,), slot, dtype=torch.long, device=x.device))
+    out = gemv.extension().decode_layers(plan, x, cache.k, cache.v, cache.reserve_aligned(), cos, sin,
+                                         logits=plan.has_head)
+    return _finish(model, plan, out)
 
 
-def run_paged(model, x: torch.Tensor, contexts: dict, logits: bool) -> tuple[torch.Tensor, bool] | None:
-    """Like run_blocks, (1, N, ...) over the serving engine's paged cache when all N packed tokens are
-    decodes; None when this step does not qualify (prefill chunks, mixed steps). `logits`: every
-    token's logits are wanted, so the step may end in them."""
-    from lmforge.serving.model_runner import PagedAttention  # serving imports the model package
+def paged_step(model, input_ids: torch.Tensor, positions: torch.Tensor, cache, slot_mapping: torch.Tensor,
+               key_slots: dict[str, torch.Tensor], key_lens: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Logits (N, vocab) for N sequences that each decode one token, over the serving engine's paged cache.
 
-    _, N, D = x.shape
-    ctxs = [contexts[kind] for kind in sorted(contexts)]  # in rope-kind order, as build_plan numbers them
-    cache = ctxs[0].cache
-    if (x.shape[0] != 1 or N > gemv.PAGED_MAX_ROWS or torch.is_grad_enabled() or not _fp32_cpu(x)
-            or not all(type(ctx) is PagedAttention and ctx.plan.decode_only and ctx.cache is cache for ctx in ctxs)
-            or not all(map(_fp32_cpu, cache.k)) or not all(map(_fp32_cpu, cache.v))):
+    Args:
+        input_ids, positions: (N,) each sequence's new token and its position.
+        slot_mapping: (N,) the cache slot each new key/value goes to.
+        key_slots: per layer kind, (N, L) the cache slots of each sequence's keys (padded);
+            key_lens: per layer kind, (N,) how many of them are keys (CPU int64).
+    Returns None when the step does not qualify (too many rows, a part decode.cpp does not run).
+    """
+    N = input_ids.shape[0]
+    if not _usable(model, N, gemv.PAGED_MAX_ROWS, cache.k) or not all(map(_fp32_cpu, cache.v)):
         return None
     plan = plan_for(model)
     if plan is None or (N > gemv.MAX_ROWS and plan.has_int4):  # int4 products take at most 8 rows
         return None
-    cos = [ctx.rope[0].reshape(N, -1).float().contiguous() for ctx in ctxs]
-    sin = [ctx.rope[1].reshape(N, -1).float().contiguous() for ctx in ctxs]
+    x = model.embed(input_ids[None], positions[None]).view(N, -1)
+    if not _fp32_cpu(x):
+        return None
+    kinds = sorted(key_slots)
+    cos, sin = _rope_rows(model, positions)
     out = gemv.extension().decode_layers_paged(
-        plan, x.view(N, D), cache.k, cache.v, ctxs[0].slot_mapping, [ctx.plan.decode_slots.view(N, -1) for ctx in ctxs],
-        [ctx.plan.decode_lens for ctx in ctxs], cos, sin, logits=logits)
-    return out.view(1, N, -1), logits and plan.has_head
+        plan, x, cache.k, cache.v, slot_mapping, [key_slots[k] for k in kinds], [key_lens[k] for k in kinds],
+        cos, sin, logits=plan.has_head)
+    return _finish(model, plan, out)

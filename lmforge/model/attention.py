@@ -7,6 +7,8 @@ them equal.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,7 +75,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: "KVContext") -> torch.Tensor:
         """x: (B, T, n_embd) -> (B, T, n_embd)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
@@ -96,12 +98,18 @@ class Attention(nn.Module):
         return sdpa_attention(q, k, v, mask, is_causal, self.scale)
 
 
-class AttentionContext:
-    """Per-forward inputs shared by every layer of one kind (global or sliding), over a static cache.
+class KVContext(Protocol):
+    """What a layer needs from its cache in one forward: the RoPE rows of its tokens, and `attend`,
+    which stores the new keys/values wherever that cache keeps them and attends over them."""
 
-    Other caches (the serving engine's paged one) provide their own object with `rope` and
-    `attend(module, q, k, v)`.
-    """
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+
+    def attend(self, module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class AttentionContext:
+    """The KVContext of the static cache (or none): inputs shared by every layer of one kind
+    (global or sliding) in one forward. The serving engine's paged cache has its own."""
 
     __slots__ = ("rope", "mask", "is_causal", "cache", "start", "key_lo")
 

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
-from lmforge.generation.fused_decode import run_blocks, run_paged
-from lmforge.model.attention import Attention, AttentionContext
+from lmforge.model.attention import Attention, AttentionContext, KVContext
 from lmforge.model.linear import Linear
 from lmforge.model.masks import attention_mask
 from lmforge.model.mlp import build_mlp
@@ -36,7 +35,7 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = build_norm(config)
             self.post_feedforward_layernorm = build_norm(config)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: KVContext) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), ctx)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
@@ -74,11 +73,6 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.fused_decode = True  # decode steps run all blocks in one C++ call where they can (fused_decode.py)
-
-    def _apply(self, *args, **kwargs):  # .to(), .float(), ...: tensors may move, drop the fused decode plan
-        self.__dict__.pop("_fused_plan", None)
-        return super()._apply(*args, **kwargs)
 
     def rope_tables(self, kind: str, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables for a layer kind, built lazily and grown by doubling."""
@@ -103,7 +97,7 @@ class Transformer(nn.Module):
             cache: a KVCache; new keys/values are appended after its filled slots.
             positions: (B, T) token positions; default counts on from the cache length.
             valid: (B, T) False at padding; default all real tokens.
-            contexts: per layer kind, an object with `rope` and `attend` that replaces the static
+            contexts: per layer kind, a KVContext (`rope` and `attend`) that replaces the static
                 cache path (the serving engine passes its paged-attention contexts here).
             output_index: positions along T whose logits are wanted (others are skipped).
         """
@@ -114,26 +108,14 @@ class Transformer(nn.Module):
         if int(positions.max()) >= self.config.block_size:
             raise ValueError(f"position {int(positions.max())} is past the context length "
                              f"{self.config.block_size}; shorten the prompt or max_new_tokens")
-        paged = contexts is not None and cache is None  # the serving engine's step over its paged cache
         if contexts is None:
             if cache is not None:
                 cache.reserve(positions, valid if valid is not None else torch.ones_like(positions, dtype=torch.bool))
             contexts = {kind: self._context(kind, positions, valid, cache, start, T)
                         for kind in set(self.config.layer_types)}
         x = self.embed(input_ids, positions)
-        fused = None
-        if self.fused_decode and ((T == 1 and cache is not None) or paged):
-            every = output_index is None or (output_index.numel() == T and bool(
-                (output_index == torch.arange(T, device=output_index.device)).all()))  # logits of every token
-            every = every and (T == 1 or not last_only)
-            fused = run_paged(self, x, contexts, every) if paged else run_blocks(self, x, cache, contexts, every)
-        if fused is not None:  # one decode token per row: all blocks (maybe the head too) in one C++ call
-            x, done = fused
-            if done:
-                return x
-        else:
-            for layer in self.model.layers:
-                x = layer(x, contexts[layer.layer_type])
+        for layer in self.model.layers:
+            x = layer(x, contexts[layer.layer_type])
         if last_only:
             x = x[:, -1:]
         elif output_index is not None:

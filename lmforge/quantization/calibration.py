@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.quantization.int4 import Int4Linear, check_group_size, dequantize_int4
-from lmforge.training.lora import replace_linear
+from lmforge.model.surgery import replace_linear
 
 Codes = tuple[Tensor, Tensor, Tensor]  # q uint8 (N, K), scale (N, G), zero (N, G)
 BlockForward = Callable[..., list[Tensor]]  # forward(limit=None): the block over the first `limit` batches

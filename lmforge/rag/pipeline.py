@@ -61,7 +61,7 @@ class Answer:
 
 def write_manifest(index_dir: Path, store: StoreConfig, count: int) -> None:
     """Record which store and embedder an index uses (atomic write)."""
-    from lmforge.data.io import atomic_write_json
+    from lmforge.atomic import atomic_write_json
 
     atomic_write_json(index_dir / MANIFEST, {"store": asdict(store), "embedder": "all-MiniLM-L6-v2", "dim": 384,
                                              "chunks": count, "updated": time.time()})

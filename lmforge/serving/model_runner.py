@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.generation.fused_decode import paged_step
 from lmforge.model.masks import attention_mask
 from lmforge.serving.scheduler import Batch
 from lmforge.serving.sequence import Sequence
@@ -211,10 +212,16 @@ class ModelRunner:
         input_ids = torch.tensor([ids], device=dev)
         pos = positions[None].to(dev)
         slot_mapping = slots.to(dev)
-        contexts = {}
-        for kind in set(self.model.config.layer_types):
-            plan = self._plan(layout, self.model.window(kind))
-            contexts[kind] = PagedAttention(self.cache, slot_mapping, plan, self.model.rope_at(kind, pos))
+        plans = {kind: self._plan(layout, self.model.window(kind)) for kind in set(self.model.config.layer_types)}
+        if all(plan.decode_only for plan in plans.values()):  # one new token per sequence: try the fused C++ step
+            n = len(ids)
+            logits = paged_step(self.model, input_ids[0], pos[0], self.cache, slot_mapping,
+                                {kind: plan.decode_slots.view(n, -1) for kind, plan in plans.items()},
+                                {kind: plan.decode_lens for kind, plan in plans.items()})
+            if logits is not None:  # a one-token prefill chunk that does not end its prompt samples nothing
+                return logits[sample_at].float().cpu(), sampling
+        contexts = {kind: PagedAttention(self.cache, slot_mapping, plan, self.model.rope_at(kind, pos))
+                    for kind, plan in plans.items()}
         logits = self.model(input_ids, positions=pos, contexts=contexts,
                             output_index=torch.tensor(sample_at, dtype=torch.long, device=dev))
         return logits[0].float().cpu(), sampling  # sampling runs on the CPU

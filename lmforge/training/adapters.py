@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.data.io import atomic_write_json
+from lmforge.atomic import atomic_write, atomic_write_json
 from lmforge.training.lora import LoRAConfig, adapter_state, apply_lora
 
 PEFT_PREFIX = "base_model.model."
@@ -47,9 +47,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model: str | None = No
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
-    tmp = path / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata=_base_metadata(config))
-    tmp.replace(path / WEIGHTS_FILE)
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=_base_metadata(config)))
     atomic_write_json(path / CONFIG_FILE, peft_config(config, base_model))
     return path
 

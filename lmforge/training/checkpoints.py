@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.data.io import atomic_write_json, read_json
+from lmforge.atomic import atomic_write_json
+from lmforge.data.io import read_json
 
 INDEX = "index.json"
 

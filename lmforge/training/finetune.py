@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lmforge import hub
-from lmforge.data.io import atomic_write_jsonl
+from lmforge.atomic import atomic_write_jsonl
 from lmforge.training.adapters import save_adapter
 from lmforge.training.data import Batches, build_rows
 from lmforge.training.lora import apply_lora, merge_and_unload

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.linear import Linear
-from lmforge.quantization.nf4 import BLOCK_SIZE, NF4Linear
+from lmforge.model.nf4 import BLOCK_SIZE, NF4Linear
+from lmforge.model.surgery import release_freed_memory, replace_linear
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -160,18 +161,6 @@ class QLoRALinear(LoRALinear):
     unmerge = merge
 
 
-def replace_linear(module: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None], prefix: str = "") -> None:
-    """Swap every nn.Linear for `make(qualified_name, linear)` when it returns a module."""
-    for name, child in module.named_children():
-        full = f"{prefix}{name}"
-        if isinstance(child, nn.Linear):
-            new = make(full, child)
-            if new is not None:
-                setattr(module, name, new)
-        else:
-            replace_linear(child, make, f"{full}.")
-
-
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Freeze the model and swap its target linears for LoRA/DoRA/QLoRA layers (in place)."""
     for p in model.parameters():
@@ -245,19 +234,6 @@ def compact_embeddings(model: nn.Module) -> None:
     embedding = FrozenEmbedding(backbone.embed_tokens.weight)
     backbone.embed_tokens = embedding
     model.lm_head = FrozenLMHead(embedding)
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc `malloc_trim`): without it the fp32 weights that
-    NF4 replaced stay in the process's arenas and count against it. A no-op elsewhere."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmforge.atomic import atomic_write
+
 
 def plot_metrics(metrics: Path, out: Path) -> str | None:
     """Train loss per step and eval loss at its steps; None when matplotlib is not installed."""
@@ -28,8 +30,6 @@ def plot_metrics(metrics: Path, out: Path) -> str | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    tmp.replace(out)
     return str(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.garbage import FEATURES
-from lmforge.data.io import atomic_write_jsonl
+from lmforge.atomic import atomic_write_jsonl
 from lmforge.data.review import ReviewStore, make_server
 
 

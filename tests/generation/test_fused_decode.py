@@ -21,17 +21,18 @@ pytestmark = pytest.mark.skipif(gemv.extension() is None, reason="lmforge's CPU 
 
 
 def decode_logits(model, prompt: torch.Tensor, steps: int, fused: bool) -> torch.Tensor:
-    """Logits of `steps` greedy decode steps after a prefill, with or without the fused step."""
-    model.fused_decode = fused
+    """Logits (B, steps, V) of greedy decode steps after a prefill: the fused step (which must run), or
+    model.forward (the PyTorch modules)."""
     cache = KVCache(model.config, prompt.shape[0], prompt.shape[1] + steps)
     with torch.inference_mode():
-        logits = model(prompt, cache=cache, last_only=True)
+        logits = model(prompt, cache=cache, last_only=True)[:, -1]
         out = []
         for _ in range(steps):
-            logits = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache)
+            token = logits.argmax(-1)
+            logits = decode_step(model, token, cache) if fused else model(token[:, None], cache=cache)[:, -1]
+            assert logits is not None, "the fused step did not run"
             out.append(logits)
-    model.fused_decode = True
-    return torch.cat(out, dim=1)
+    return torch.stack(out, dim=1)
 
 
 def tiny(name: str, seed: int = 0, **overrides):
@@ -129,13 +130,12 @@ def test_greedy_generation_is_unchanged_by_the_fused_step():
     model = tiny("tiny-gemma3", seed=4)
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     fused = generate_ids(model, [[1, 2, 3]], params)
-    model.fused_decode = False
-    assert generate_ids(model, [[1, 2, 3]], params) == fused
+    with fused_decode.disabled():
+        assert generate_ids(model, [[1, 2, 3]], params) == fused
 
 
 def lean_logits(model, prompt: torch.Tensor, steps: int, aligned: bool) -> tuple[torch.Tensor, KVCache]:
     """Greedy steps through decode_one_token: `aligned` takes decode_step, else model.forward (modules)."""
-    model.fused_decode = aligned
     cache = KVCache(model.config, prompt.shape[0], prompt.shape[1] + steps)
     pos = torch.full((prompt.shape[0], 1), prompt.shape[1])
     with torch.inference_mode():
@@ -144,7 +144,6 @@ def lean_logits(model, prompt: torch.Tensor, steps: int, aligned: bool) -> tuple
         for step in range(steps):
             logits = decode_one_token(model, logits.argmax(-1), pos + step, cache, aligned)
             out.append(logits)
-    model.fused_decode = True
     return torch.stack(out, dim=1), cache
 
 
@@ -165,12 +164,14 @@ def test_decode_step_skips_forward_and_matches_it(name):
 
 
 def test_decode_step_leaves_what_it_cannot_run_to_forward():
-    """Autograd, a softcapped head and a full cache return None, and forward then runs or raises its error."""
+    """Autograd, a disabled fused step and a full cache return None, and forward then runs or raises its error."""
     model = tiny("tiny-llama", seed=6)
     token = torch.tensor([3])
     assert decode_step(model, token, KVCache(model.config, 1, 4)) is None  # autograd on
     with torch.inference_mode():
-        assert decode_step(tiny("tiny-llama", final_logit_softcap=5.0), token, KVCache(model.config, 1, 4)) is None
+        with fused_decode.disabled():
+            assert decode_step(model, token, KVCache(model.config, 1, 4)) is None
+        assert decode_step(model, token, KVCache(model.config, 1, 4)) is not None
         full = KVCache(model.config, 1, 1)
         full.length = 1
         assert decode_step(model, token, full) is None

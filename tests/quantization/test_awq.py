@@ -14,7 +14,7 @@ from lmforge.model.transformer import build_model
 from lmforge.quantization.awq import (AWQSettings, ScaleGroup, _gqa_tie, apply_scale, block_scale_groups,
                                       clip_codes, fake_rtn, output_error, quantize_awq, search_scale)
 from lmforge.quantization.int4 import Int4Linear, dequantize_int4, quantize_rtn
-from lmforge.training.lora import replace_linear
+from lmforge.model.surgery import replace_linear
 
 
 def test_output_error_is_the_squared_output_difference() -> None:

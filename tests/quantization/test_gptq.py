@@ -15,7 +15,7 @@ from lmforge.model.transformer import build_model
 from lmforge.quantization.calibration import StatsCollector, input_groups, run_blockwise
 from lmforge.quantization.gptq import GPTQSettings, gptq_quantize, quantize_gptq
 from lmforge.quantization.int4 import Int4Linear, dequantize_int4, group_params, quantize_codes, quantize_rtn
-from lmforge.training.lora import replace_linear
+from lmforge.model.surgery import replace_linear
 
 
 def hessian_of(x: torch.Tensor) -> torch.Tensor:

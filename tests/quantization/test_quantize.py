@@ -14,7 +14,7 @@ from lmforge.config import Config
 from lmforge.model.transformer import build_model
 from lmforge.quantization.int4 import Int4Linear
 from lmforge.quantization.int8 import Int8Embedding, Int8DynamicLinear, Int8StaticLinear
-from lmforge.quantization.nf4 import NF4Linear
+from lmforge.model.nf4 import NF4Linear
 from lmforge.quantization.quantize import (PRESETS, QuantConfig, load_quantized, model_nbytes, quantize_model,
                                            save_quantized)
 

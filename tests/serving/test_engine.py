@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmforge.config import Config
+from lmforge.generation import fused_decode
 from lmforge.generation.generate import generate_ids
 from lmforge.generation.sampling import SamplingParams
 from lmforge.kernels import gemv
@@ -197,12 +198,11 @@ def _fused_step_rows(monkeypatch) -> list[int]:
 def _both_paths(engine: Engine) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run every step twice over the same cache, by the modules, then with the fused step allowed
     (the engine samples from that one); returns the list it fills with (fused, modules) logits."""
-    model, run, pairs = engine.model, engine.runner.run, []
+    run, pairs = engine.runner.run, []
 
     def run_both(batch):
-        model.fused_decode = False
-        reference, _ = run(batch)
-        model.fused_decode = True
+        with fused_decode.disabled():
+            reference, _ = run(batch)
         logits, sampling = run(batch)
         pairs.append((logits, reference))
         return logits, sampling
@@ -234,12 +234,9 @@ def test_decode_steps_run_fused_over_the_paged_cache(model, monkeypatch):
     assert gapped and max(rows) == 12 and min(rows) == 1 and len(rows) == len(pairs) - 1  # all but the prefill
     for fused, reference in pairs:
         torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
-    model.fused_decode = False  # the reference: each request alone through the modules' static-cache path
-    try:
+    with fused_decode.disabled():  # the reference: each request alone through the modules' static-cache path
         alone = [generate_ids(model, [p], SamplingParams(max_new_tokens=n, temperature=0))[0]
                  for p, n in zip(prompts, max_new)]
-    finally:
-        model.fused_decode = True
     assert outputs == alone
 
 

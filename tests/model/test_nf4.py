@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.quantization.nf4 import (NF4_CODEBOOK, NF4Linear, codebook, dequantize_nf4, normal_float_codebook,
+from lmforge.model.nf4 import (NF4_CODEBOOK, NF4Linear, codebook, dequantize_nf4, normal_float_codebook,
                                       quantize_nf4)
 
 # QLoRA paper, appendix E (also bitsandbytes' NF4 table)
