@@ -129,6 +129,17 @@ class BlockManager:
                 self.by_hash[h] = block.block_id
             seq.block_hashes.append(h)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks of `seq` past the first `num_tokens` slots (rejected draft tokens' blocks)."""
+        keep = -(-num_tokens // self.block_size)
+        for block_id in reversed(seq.block_table[keep:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed more often than taken"
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        del seq.block_table[keep:]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` shares all of `parent`'s blocks (parallel sampling, n > 1)."""
         for block_id in parent.block_table:
@@ -139,11 +150,6 @@ class BlockManager:
 
     def free_seq(self, seq: Sequence) -> None:
         """Drop `seq`'s references; unreferenced blocks become reusable (hashed ones last)."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed more often than taken"
-            if block.ref_count == 0:
-                self.free[block_id] = None
-        seq.block_table, seq.block_hashes = [], []
+        self.trim(seq, 0)
+        seq.block_hashes = []
         seq.num_computed = 0

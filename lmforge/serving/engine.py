@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from typing import Sequence as Seq
 
 import torch
@@ -19,6 +20,7 @@ from lmforge.serving.block_manager import BlockManager
 from lmforge.serving.model_runner import ModelRunner, PagedKVCache
 from lmforge.serving.scheduler import Scheduler, SchedulerConfig
 from lmforge.serving.sequence import Sequence, Status
+from lmforge.serving.speculation import Speculation
 
 
 @dataclass
@@ -46,9 +48,14 @@ class StepOutput:
 
 
 class Engine:
-    """Continuous-batching generation over a paged KV cache."""
+    """Continuous-batching generation over a paged KV cache.
 
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None) -> None:
+    `draft`: a factory of speculative drafts (lmforge.generation.drafts), one per sequence; each decode
+    step then verifies the tokens its draft proposed (lmforge.serving.speculation).
+    """
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None,
+                 draft: Callable[[], object] | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.config = config = config or EngineConfig()
         weight = next(model.parameters())
@@ -60,6 +67,7 @@ class Engine:
         self.runner = ModelRunner(model, self.cache)
         self.texts: dict[int, TextAssembler] = {}
         self.logprobs_wanted: dict[int, int] = {}
+        self.speculation = Speculation(draft, model, tokenizer) if draft is not None else None
 
     @property
     def capacity_tokens(self) -> int:
@@ -99,6 +107,8 @@ class Engine:
         stop = set() if params.ignore_eos else set(self.tokenizer.stop_ids)
         max_new = min(params.max_new_tokens, self.model.config.block_size - len(ids))
         seq = Sequence(list(ids), params, eos_ids=frozenset(stop | set(params.stop_token_ids)), max_new=max_new)
+        if self.speculation is not None:
+            self.speculation.attach(seq)
         self.texts[seq.seq_id] = TextAssembler(self.tokenizer, params.stop)
         self.logprobs_wanted[seq.seq_id] = logprobs
         return seq
@@ -116,22 +126,47 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[StepOutput]:
-        """Schedule, run the model once, sample, and report what changed."""
+        """Schedule, run the model once, sample (or verify drafts), and report what changed."""
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch:
             return []
         self.cache.copy_blocks(batch.copies)
         logits, sampling = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed += n
+            seq.num_computed += n - len(seq.draft_ids)  # drafts count once accepted
             self.blocks.register_full_blocks(seq)
         rows: list[tuple[Sequence, int]] = []  # who samples from which logits row, in output order
-        for i, seq in enumerate(sampling):
-            rows.extend((child, i) for child in self._fork_children(seq))
-            rows.append((seq, i))
+        verifying: list[tuple[Sequence, int]] = []  # sequences with drafts and their first logits row
+        row = 0
+        for seq in sampling:
+            if seq.draft_ids:
+                verifying.append((seq, row))
+            else:
+                rows.extend((child, row) for child in self._fork_children(seq))
+                rows.append((seq, row))
+            row += 1 + len(seq.draft_ids)
         tokens = self._sample(logits, rows)
         now = time.perf_counter()
-        return [self._postprocess(seq, logits[i:i + 1], token, now) for (seq, i), token in zip(rows, tokens)]
+        outputs = [self._postprocess(seq, logits[i:i + 1], token, now) for (seq, i), token in zip(rows, tokens)]
+        for seq, first in verifying:
+            outputs.extend(self._accept(seq, logits[first:first + 1 + len(seq.draft_ids)], now))
+        return outputs
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor, now: float) -> list[StepOutput]:
+        """Verify `seq`'s drafts against its logits rows, emit the accepted run, drop the rejected keys."""
+        run = self.speculation.verify(seq, logits)
+        seq.draft_ids, seq.draft_probs = [], None
+        outputs = []
+        for j, token in enumerate(run):
+            outputs.append(self._postprocess(seq, logits[j:j + 1], token, now))
+            if outputs[-1].finished:
+                return outputs
+        seq.num_computed = seq.num_tokens - 1  # the last token and the accepted drafts are in the cache
+        self.blocks.register_full_blocks(seq)
+        self.blocks.trim(seq, seq.num_tokens)  # blocks that held only rejected drafts
+        return outputs
 
     def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> list[int]:
         """Next token of each (seq, logits row): plain greedy rows in one argmax, the rest one by one.

@@ -31,6 +31,9 @@ class Metrics:
         self.semantic_misses = Counter("lmforge_semantic_cache_misses", "Semantic cache misses", registry=r)
         self.semantic_hit_rate = Gauge("lmforge_semantic_cache_hit_rate", "Semantic cache hits / lookups",
                                        registry=r)
+        self.spec_drafted = Gauge("lmforge_spec_draft_tokens", "Speculative draft tokens proposed", registry=r)
+        self.spec_accepted = Gauge("lmforge_spec_accepted_tokens", "Speculative draft tokens accepted", registry=r)
+        self.spec_acceptance = Gauge("lmforge_spec_acceptance_rate", "Accepted / proposed draft tokens", registry=r)
         self._token_times: dict[int, float] = {}
 
     def observe_step(self, engine, outputs) -> None:
@@ -60,6 +63,11 @@ class Metrics:
         self.blocks_total.set(len(blocks.blocks))
         if blocks.prefix_queries:
             self.prefix_hit_rate.set(blocks.prefix_hits / blocks.prefix_queries)
+        spec = getattr(engine, "speculation", None)
+        if spec is not None and spec.stats.drafted:
+            self.spec_drafted.set(spec.stats.drafted)
+            self.spec_accepted.set(spec.stats.accepted)
+            self.spec_acceptance.set(spec.stats.accepted / spec.stats.drafted)
 
     def finished(self, seq, reason: str) -> None:
         self._token_times.pop(seq.seq_id, None)

@@ -103,7 +103,9 @@ class PagedAttention:
 
 
 def _tokens(seq: Sequence, start: int, end: int) -> list[int]:
-    """seq.all_ids[start:end] without concatenating prompt and output."""
+    """(seq.all_ids + seq.draft_ids)[start:end] without concatenating prompt and output."""
+    if end > seq.num_tokens:  # a decode that verifies draft tokens
+        return _tokens(seq, start, seq.num_tokens) + seq.draft_ids[:end - seq.num_tokens]
     p = len(seq.prompt_ids)
     if end <= p:
         return seq.prompt_ids[start:end]
@@ -198,13 +200,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run the step; return logits (S, vocab) for the S sequences whose step ends their known tokens."""
+        """Run the step; return logits for the sequences whose step ends their known tokens, in order: one
+        row each, or 1 + k rows for a sequence verifying k draft tokens (its last token's, then each draft's)."""
         ids, sample_at, sampling = [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start = seq.num_computed
             ids.extend(_tokens(seq, start, start + n))
-            if start + n == seq.num_tokens:
-                sample_at.append(len(ids) - 1)
+            if start + n == seq.num_tokens + len(seq.draft_ids):
+                sample_at.extend(range(len(ids) - 1 - len(seq.draft_ids), len(ids)))
                 sampling.append(seq)
         layout = self._layout(batch)
         positions, slots = self._new_slots(layout)

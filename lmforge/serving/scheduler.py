@@ -63,7 +63,11 @@ class Scheduler:
         for seq in list(self.running):  # oldest first: decodes, then unfinished prefills
             if seq.status is not Status.RUNNING or budget <= 0:
                 continue
-            n = 1 if not seq.in_prefill else min(seq.num_tokens - seq.num_computed, budget)
+            if seq.in_prefill:
+                n = min(seq.num_tokens - seq.num_computed, budget)
+            else:  # a decode: its last token, then any draft tokens it verifies (as many as the budget takes)
+                del seq.draft_ids[budget - 1:]
+                n = 1 + len(seq.draft_ids)
             if self._reserve(seq, n, batch):
                 batch.add(seq, n)
                 budget -= n
@@ -98,6 +102,7 @@ class Scheduler:
         """Free `seq`'s blocks and queue it first; it is recomputed from its tokens later."""
         self.running.remove(seq)
         self.blocks.free_seq(seq)
+        seq.draft_ids, seq.draft_probs = [], None
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

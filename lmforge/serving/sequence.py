@@ -6,6 +6,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -46,6 +47,10 @@ class Sequence:
     generator: torch.Generator | None = None
     eos_ids: frozenset[int] = frozenset()
     children: list["Sequence"] = field(default_factory=list)  # parallel samples forked after the prefill
+    draft: Any = None  # speculative decoding: this sequence's Draft (lmforge.generation.drafts), or None
+    draft_length: Any = None  # its DraftLength (fixed or adaptive k)
+    draft_ids: list[int] = field(default_factory=list)  # tokens proposed for this step, verified by it
+    draft_probs: torch.Tensor | None = None  # (len(draft_ids), V) the draft's q rows, None when one-hot
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and self.generator is None:
