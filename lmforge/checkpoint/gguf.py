@@ -1,15 +1,20 @@
-"""Load GGUF checkpoints (llama.cpp's format): config from metadata, weights dequantized.
+"""Load GGUF checkpoints (llama.cpp's format): config from metadata, weights kept in blocks or dequantized.
 
-The container is parsed by `gguf_file.GGUFFile` (bounds-checked); quantized tensors are
-dequantized to fp32 by `lmforge.checkpoint.dequant` (Q4_0, Q4_1, Q8_0, in torch) or else by the
-`gguf` library (`gguf.quants.dequantize`), which knows every GGML type. Names map to Hugging Face's through one declarative table.
+The container is parsed by `gguf_file.GGUFFile` (bounds-checked). With `native`, linear weights and
+the token embedding of a type lmforge has kernels for stay in their quantized blocks (`BlockTensor`,
+computed by `gguf_blocks.GGUFLinear`); other quantized tensors are dequantized to fp32 by
+`lmforge.checkpoint.dequant` (Q4_0, Q4_1, Q8_0, in torch) or else by the `gguf` library
+(`gguf.quants.dequantize`), which knows every GGML type. Names map to Hugging Face's through one
+declarative table.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,6 +23,7 @@ from gguf.quants import dequantize
 
 from lmforge.checkpoint import dequant
 from lmforge.checkpoint.errors import CheckpointError
+from lmforge.checkpoint.gguf_blocks import BlockTensor, has_kernel
 from lmforge.checkpoint.gguf_file import GGUFFile, TensorInfo
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
 
@@ -146,21 +152,59 @@ def tensor_to_numpy(reader: GGUFFile, tensor: TensorInfo) -> np.ndarray:
                               "dequantize; re-quantize the model to a common type (Q8_0, Q4_K, ...)") from None
 
 
-def read_state_dict(reader: GGUFFile, config: Config, arch: str) -> dict[str, torch.Tensor]:
-    """All tensors as fp32 torch tensors under Hugging Face names, layout fixed up per arch."""
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def keeps_blocks(name: str) -> bool:
+    """Whether a tensor (Hugging Face name) is one a native load keeps in blocks: the linear weights and the
+    token embedding; norms, biases and learned positions are small and stay fp32."""
+    return name.endswith(("_proj.weight", ".qkv.weight")) or name in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def _warn_fallback(reader: GGUFFile, table: dict[str, str]) -> None:
+    """One warning naming the quantized types of would-be native tensors that have no kernel (dequantized)."""
+    slow = [t for t in reader.tensors if t.qtype not in FLOAT_TYPES and not has_kernel(t.qtype)
+            and keeps_blocks(hf_name(t.name, table))]
+    if slow:
+        kinds = ", ".join(sorted({t.qtype.name for t in slow}))
+        warnings.warn(f"GGUF tensor type(s) {kinds} have no lmforge kernel: {len(slow)} tensors of those types are "
+                      f"dequantized to fp32 (larger and slower than blocks)", stacklevel=3)
+
+
+def _read(reader: GGUFFile, t: TensorInfo, native: bool, name: str) -> torch.Tensor | BlockTensor:
+    """One tensor: its blocks copied out of the file when native can keep them, else fp32."""
+    if native and has_kernel(t.qtype) and keeps_blocks(name):
+        return BlockTensor(torch.from_numpy(np.array(reader.raw(t))), t.qtype, tuple(t.shape))
+    tensor = dequant.dequantize(reader.raw(t), t.qtype, t.shape)
+    return torch.from_numpy(tensor_to_numpy(reader, t)) if tensor is None else tensor
+
+
+def _on_rows(tensor: torch.Tensor | BlockTensor,
+             fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | BlockTensor:
+    """fn applied to the rows of an fp32 weight, or of a BlockTensor's blocks (a row of blocks is a row)."""
+    if isinstance(tensor, BlockTensor):
+        return dataclasses.replace(tensor, blocks=fn(tensor.blocks).contiguous())
+    return fn(tensor)
+
+
+def read_state_dict(reader: GGUFFile, config: Config, arch: str,
+                    native: bool = False) -> dict[str, torch.Tensor | BlockTensor]:
+    """All tensors under Hugging Face names, layout fixed up per arch: fp32 torch tensors, except with
+    `native` the linear weights and token embedding of a type with a kernel, kept as `BlockTensor`s."""
     _, table = ARCH_STYLE[arch]
     unknown = [t.name for t in reader.tensors if hf_name(t.name, table) is None]
     if unknown:
         raise CheckpointError(f"unexpected GGUF tensors {unknown[:5]} (and {max(0, len(unknown) - 5)} more) "
                               f"for architecture {arch}; this file is not a plain {arch} model")
+    if native:
+        _warn_fallback(reader, table)
 
-    def convert(t: TensorInfo) -> tuple[str, torch.Tensor]:
+    def convert(t: TensorInfo) -> tuple[str, torch.Tensor | BlockTensor]:
         name = hf_name(t.name, table)
-        tensor = dequant.dequantize(reader.raw(t), t.qtype, t.shape)
-        if tensor is None:
-            tensor = torch.from_numpy(tensor_to_numpy(reader, t))
+        tensor = _read(reader, t, native, name)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            tensor = unpermute_rope(tensor, config.n_head if "q_proj" in name else config.n_kv_head)
+            heads = config.n_head if "q_proj" in name else config.n_kv_head
+            tensor = _on_rows(tensor, lambda w: unpermute_rope(w, heads))
         if arch == "gemma3" and name.endswith("norm.weight"):
             tensor = tensor - 1.0  # llama.cpp stores Gemma's (1 + w); we keep Hugging Face's w
         return name, tensor
@@ -183,10 +227,15 @@ def unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return pairs.transpose(1, 2).reshape(weight.shape)  # (heads, 2, hd/2, ...) -> rows
 
 
-def _split_qkv(name: str, tensor: torch.Tensor, config: Config) -> dict[str, torch.Tensor]:
+def _split_qkv(name: str, tensor: torch.Tensor | BlockTensor, config: Config) -> dict[str, torch.Tensor | BlockTensor]:
     q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    q, k, v = torch.split(tensor, [q_dim, kv_dim, kv_dim], dim=0)
-    return {name.replace(".qkv.", f".{p}_proj."): part.contiguous() for p, part in zip("qkv", (q, k, v))}
+    sizes = [q_dim, kv_dim, kv_dim]
+    if isinstance(tensor, BlockTensor):
+        parts = [BlockTensor(p.contiguous(), tensor.qtype, (p.shape[0], tensor.shape[1]))
+                 for p in torch.split(tensor.blocks, sizes, dim=0)]
+    else:
+        parts = [p.contiguous() for p in torch.split(tensor, sizes, dim=0)]
+    return {name.replace(".qkv.", f".{p}_proj."): part for p, part in zip("qkv", parts)}
 
 
 def tensor_types(reader: GGUFFile) -> dict[str, int]:

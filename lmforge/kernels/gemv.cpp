@@ -6,6 +6,7 @@
 namespace lmforge {
 
 void register_decode(py::module_& m);  // decode.cpp
+void register_gguf(py::module_& m);    // gguf_blocks.cpp
 
 namespace {
 
@@ -68,4 +69,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("INT4_INT8_INPUTS") = false;
 #endif
   lmforge::register_decode(m);
+  lmforge::register_gguf(m);
 }

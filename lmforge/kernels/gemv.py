@@ -1,4 +1,4 @@
-"""lmforge's own CPU decode kernels (f32.h, gemv.h, attention.h, vecmath.h, gemv.cpp, decode.cpp), compiled once per machine and loaded from a cache.
+"""lmforge's own CPU decode kernels (f32.h, gemv.h, gguf_blocks.h, gguf_dot.h, attention.h, vecmath.h, gemv.cpp, decode.cpp, gguf_blocks.cpp), compiled once per machine and loaded from a cache.
 
 Batch-1 decode is a chain of matrix-vector products bound by reading the weights; MKL's GEMV and
 torch's int4 kernel lose most of their time to per-call overhead at these sizes (see
@@ -22,10 +22,12 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "decode.cpp", "gemv.h", "f32.h", "attention.h", "vecmath.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "decode.cpp", "gguf_blocks.cpp", "gemv.h", "f32.h",
+                                                       "gguf_blocks.h", "gguf_dot.h", "attention.h", "vecmath.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 MAX_ROWS = 8  # rows of x per int4 call (the kernel's limit); more rows go to torch's int4 kernel
 F32_MAX_ROWS = 512  # rows of x per fp32 call (1.07-1.2x MKL at 128-512 rows, docs/benchmarks.md); more go to MKL
+GGUF_MAX_ROWS = 64  # rows of x per gguf_linear call (gguf_blocks.h's kGGUFMaxRows); more dequantize tiles
 PAGED_MAX_ROWS = 64  # sequences per fused paged decode step (decode.cpp's kPagedMaxRows, the engine's default batch)
 
 
