@@ -94,11 +94,27 @@ def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p
                           num_beams=num_beams)
 
 
+def _draft(speculative: str | None, draft_tokens: int | None, device: str, dtype: str):
+    """The draft a --speculative value names (None without one); its errors come before any model loads."""
+    from lmforge.generation.drafts import ModelDraft, NgramDraft, check_draft_tokens, parse_speculative
+
+    if speculative is None:
+        if draft_tokens is not None:
+            raise ValueError("--draft-tokens needs --speculative ngram or --speculative model:PATH")
+        return None
+    kind, path = parse_speculative(speculative)
+    check_draft_tokens(draft_tokens)
+    if kind == "ngram":
+        return NgramDraft(k=draft_tokens)
+    net, tok = _load(path, device, dtype)
+    return ModelDraft(net, tok, k=draft_tokens, name=path)
+
+
 def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperature: float = 0.7, top_k: int = 0,
              top_p: float = 0.9, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop: list[str] | None = None, num_beams: int = 1, chat: bool = True, device: str = "auto",
              dtype: str = "auto",
-             adapter: str | None = None) -> int:
+             adapter: str | None = None, speculative: str | None = None, draft_tokens: int | None = None) -> int:
     """Answer one prompt and stream the text as it is generated.
 
     Args:
@@ -117,13 +133,18 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
         device: cpu, cuda, cuda:N or auto (CUDA when present).
         dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU).
         adapter: a LoRA/DoRA/QLoRA adapter folder (PEFT layout, e.g. runs/lora/adapter) applied to the model.
+        speculative: exact speculative decoding with a draft: ngram (prompt lookup) or model:PATH (same tokenizer).
+        draft_tokens: tokens drafted per step, 1..16 (none: adaptive, from 4).
     """
     from lmforge.generation.beam import beam_generate
-    from lmforge.generation.generate import stream
+    from lmforge.generation.generate import stream_batch
 
+    if num_beams > 1 and speculative:
+        raise ValueError("--speculative works with sampling or greedy decoding, not with --num-beams > 1")
     if num_beams > 1:
         temperature = 0.0
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
+    draft = _draft(speculative, draft_tokens, device, dtype)
     net, tok = _load(model, device, dtype)
     net = _with_adapter(net, adapter)
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]), add_special_tokens=False) \
@@ -132,17 +153,23 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
     if num_beams > 1:
         print(tok.decode(beam_generate(net, ids, params, tok.stop_ids), skip_special_tokens=True), end="")
     else:
-        for delta in stream(net, tok, ids, params):
+        completions: list = []
+        for _, delta in stream_batch(net, tok, [ids], params, completions, draft=draft):
             print(delta, end="", flush=True)
             pieces += 1
     elapsed = time.perf_counter() - start
     print(f"\n[{pieces} chunks in {elapsed:.1f} s]", file=sys.stderr)
+    if draft is not None:
+        s = completions[0].spec_stats
+        print(f"[speculative {draft.name}: {s['accepted']}/{s['drafted']} drafted tokens accepted "
+              f"({s['acceptance_rate']:.0%}), {s['tokens']} tokens in {s['target_forwards']} target forwards]",
+              file=sys.stderr)
     return 0
 
 
 def chat(model: str = DEFAULT, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
          top_p: float = 0.9, seed: int | None = None, device: str = "auto", dtype: str = "auto",
-         adapter: str | None = None) -> int:
+         adapter: str | None = None, speculative: str | None = None, draft_tokens: int | None = None) -> int:
     """Talk with a model; replies stream and the conversation is kept. Type /reset or /exit.
 
     Args:
@@ -155,9 +182,12 @@ def chat(model: str = DEFAULT, system: str | None = None, max_tokens: int = 256,
         device: cpu, cuda, cuda:N or auto (CUDA when present).
         dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU).
         adapter: a LoRA/DoRA/QLoRA adapter folder (PEFT layout, e.g. runs/lora/adapter) applied to the model.
+        speculative: exact speculative decoding with a draft: ngram (prompt lookup) or model:PATH (same tokenizer).
+        draft_tokens: tokens drafted per step, 1..16 (none: adaptive, from 4).
     """
     from lmforge.generation.generate import stream
 
+    draft = _draft(speculative, draft_tokens, device, dtype)
     net, tok = _load(model, device, dtype)
     net = _with_adapter(net, adapter)
     params = _params(max_tokens, temperature, 0, top_p, 0.0, 1.0, seed, [])
@@ -181,7 +211,7 @@ def chat(model: str = DEFAULT, system: str | None = None, max_tokens: int = 256,
             del history[bool(system)]  # forget the oldest turn to stay inside the context
             ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
         reply = ""
-        for delta in stream(net, tok, ids, params):
+        for delta in stream(net, tok, ids, params, draft=draft):
             print(delta, end="", flush=True)
             reply += delta
         print()

@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from lmforge.generation.drafts import Draft
 from lmforge.generation.fused_decode import decode_step
 from lmforge.generation.kv_cache import KVCache
 from lmforge.generation.sampling import SamplingParams, sample
@@ -26,6 +27,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "stop" (EOS or stop string) | "length"
     prompt_tokens: int = 0
+    spec_stats: dict | None = None  # speculative decoding: drafted/accepted tokens, target forwards
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,11 +172,21 @@ def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]]) 
 
 @torch.inference_mode()
 def stream_batch(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams,
-                 completions: list[Completion] | None = None) -> Iterator[tuple[int, str]]:
-    """Yield (row, text delta) as tokens arrive; fill `completions` (if given) when done."""
+                 completions: list[Completion] | None = None, draft: Draft | None = None
+                 ) -> Iterator[tuple[int, str]]:
+    """Yield (row, text delta) as tokens arrive; fill `completions` (if given) when done.
+
+    With a `draft` (lmforge.generation.drafts) decoding is speculative and exact: the same
+    distribution (greedy: the same ids), prompts one after another, each Completion's `spec_stats` set.
+    """
     ids = encode_prompts(tokenizer, prompts)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    stream = TokenStream(model, ids, params, tokenizer.stop_ids, pad_id=pad)
+    if draft is None:
+        stream = TokenStream(model, ids, params, tokenizer.stop_ids, pad_id=pad)
+    else:
+        from lmforge.generation.speculative import SpeculativeStream  # it imports prefill from here
+
+        stream = SpeculativeStream(model, ids, params, tokenizer.stop_ids, pad, draft=draft, tokenizer=tokenizer)
     rows = [TextAssembler(tokenizer, params.stop) for _ in ids]
     for tokens in stream:
         for row, token in enumerate(tokens):
@@ -192,20 +204,22 @@ def stream_batch(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[in
         if tail:
             yield row, tail
         if completions is not None:
-            completions.append(Completion(text_row.text, text_row.ids, stream.reasons[row], len(ids[row])))
+            spec = stream.row_stats[row].as_dict() if draft is not None else None
+            completions.append(Completion(text_row.text, text_row.ids, stream.reasons[row], len(ids[row]), spec))
 
 
-def stream(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
-    """Text deltas for one prompt, as they are generated."""
-    for _, delta in stream_batch(model, tokenizer, [prompt], params or SamplingParams()):
+def stream(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None,
+           draft: Draft | None = None) -> Iterator[str]:
+    """Text deltas for one prompt, as they are generated (speculatively with a `draft`)."""
+    for _, delta in stream_batch(model, tokenizer, [prompt], params or SamplingParams(), draft=draft):
         yield delta
 
 
-def generate(model, tokenizer, prompts: str | Sequence[str], params: SamplingParams | None = None
-             ) -> list[Completion]:
-    """Complete one or many prompts (batched, left-padded); one Completion per prompt."""
+def generate(model, tokenizer, prompts: str | Sequence[str], params: SamplingParams | None = None,
+             draft: Draft | None = None) -> list[Completion]:
+    """Complete one or many prompts (batched, left-padded; one by one with a speculative `draft`)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     completions: list[Completion] = []
-    for _ in stream_batch(model, tokenizer, prompts, params or SamplingParams(), completions):
+    for _ in stream_batch(model, tokenizer, prompts, params or SamplingParams(), completions, draft=draft):
         pass
     return completions

@@ -43,6 +43,18 @@ class KVCache:
         self.length = slot + 1
         return slot
 
+    def truncate(self, length: int) -> None:
+        """Forget slots [length, self.length): speculative decoding rolls back rejected draft tokens.
+
+        The freed slots become padding (invalid, position 0) so no mask can see them; their keys and
+        values stay in the buffers and are overwritten when the slots are claimed again.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate to {length} slots: must be in [0, {self.length}] (the filled slots)")
+        self.positions[:, length:self.length] = 0
+        self.valid[:, length:self.length] = False
+        self.length = length
+
     def _check_room(self, fed: int) -> None:
         if fed > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens and {fed} were fed; "
