@@ -16,10 +16,12 @@ from lmforge.compression.report import calibration_batches, print_report, report
 
 
 def _load_float(model: str):
+    import torch
+
     from lmforge.checkpoint.load import load
 
     start = time.perf_counter()
-    net, tok = load(hub.resolve(model, pull_missing=model in hub.REGISTRY))
+    net, tok = load(hub.resolve(model, pull_missing=model in hub.REGISTRY), dtype=torch.float32)  # weights to rewrite
     print(f"[loaded {model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return net, tok
 

@@ -46,7 +46,7 @@ def setup(recipe: Recipe):
     from lmforge.checkpoint.load import load
 
     model, tokenizer = load(hub.resolve(recipe.model, pull_missing=recipe.model in hub.REGISTRY),
-                            device=_device(recipe.device))
+                            device=_device(recipe.device), dtype=torch.float32)  # adapters wrap float linears
     apply_lora(model, recipe.lora)
     d = recipe.data
     train_path, eval_path = d.train, d.eval
