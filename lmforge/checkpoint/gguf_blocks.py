@@ -66,13 +66,15 @@ def dequantize_blocks(blocks: Tensor, qtype: GGMLQuantizationType, k: int) -> Te
     return out.to(blocks.device)
 
 
-def random_blocks(qtype: GGMLQuantizationType, rows: int, k: int, generator: torch.Generator | None = None) -> Tensor:
-    """Valid blocks (rows, bytes per row) of random codes with small finite fp16 scales (tests, benchmarks)."""
+def random_blocks(qtype: GGMLQuantizationType, rows: int, k: int, generator: torch.Generator | None = None,
+                  scale: float = 0.05) -> Tensor:
+    """Valid blocks (rows, bytes per row) of random codes whose fp16 scales (and mins) are uniform in
+    [-scale, scale] (tests, benchmarks)."""
     values, size = GGML_QUANT_SIZES[qtype]
     raw = torch.randint(0, 256, (rows * (k // values), size), dtype=torch.uint8, generator=generator)
     for offset in _HALF_FIELDS[qtype]:
-        scale = torch.rand(raw.shape[0], generator=generator) * 0.1 - 0.05  # mins are negative too
-        raw[:, offset:offset + 2] = scale.half().view(torch.uint8).view(-1, 2)
+        field = (torch.rand(raw.shape[0], generator=generator) * 2 - 1) * scale
+        raw[:, offset:offset + 2] = field.half().view(torch.uint8).view(-1, 2)
     return raw.view(rows, row_bytes(qtype, k))
 
 

@@ -45,6 +45,7 @@ def _fp32_cpu(t: torch.Tensor) -> bool:
 
 def _matrix(ext, module: nn.Module):
     """The kernel's view of a linear module, or None when decode.cpp cannot run it."""
+    from lmforge.checkpoint.gguf_blocks import GGUFLinear
     from lmforge.quantization.int4 import GEMV_BLOCK, Int4Linear  # quantization imports the model package
 
     bias = getattr(module, "bias", None)
@@ -52,6 +53,9 @@ def _matrix(ext, module: nn.Module):
         return None
     if is_plain_linear(module) and _fp32_cpu(module.weight):
         return ext.Matrix.f32(module.weight.detach(), None if bias is None else bias.detach())
+    if type(module) is GGUFLinear and module.blocks.device.type == "cpu" and module.blocks.is_contiguous():
+        return ext.Matrix.gguf(module.blocks, int(module.qtype), module.in_features,
+                               None if bias is None else bias.detach())
     if type(module) is Int4Linear and module.in_features % GEMV_BLOCK == 0 and module.qweight.device.type == "cpu":
         return ext.Matrix.int4(module.gemv_weight(), module.scale.contiguous(), module.zero.contiguous(),
                                module.group_size, None if bias is None else bias.detach())

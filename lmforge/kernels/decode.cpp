@@ -17,21 +17,26 @@
 
 #include "attention.h"
 #include "gemv.h"
+#include "gguf_dot.h"
 
 namespace lmforge {
 
-// The rows of x as one matrix's products read them: transposed for fp32, int8-rounded for int4.
+BlockFormat check_blocks(const torch::Tensor& blocks, int64_t qtype, int64_t k);  // gguf_blocks.cpp
+
+// The rows of x as one matrix's products read them: transposed for fp32 and GGUF blocks, int8-rounded
+// for int4.
 struct MatrixInput {
   F32Input f32;
   Int4Input int4;
 };
 
-// One linear layer as the step reads it: fp32 weight (N, K), or int4 codes in gemv.h's layout.
+// One linear layer as the step reads it: fp32 weight (N, K), int4 codes in gemv.h's layout, or GGUF
+// blocks (N, bytes per row) of a type gguf_blocks.h decodes.
 struct Matrix {
-  torch::Tensor weight, packed, scale, zero, bias;  // kept alive here; the loops use the raw pointers
+  torch::Tensor weight, packed, scale, zero, blocks, bias;  // kept alive here; the loops use the raw pointers
   const float *w = nullptr, *s = nullptr, *z = nullptr, *b = nullptr;
-  const uint8_t* q = nullptr;
-  int64_t group = 0, n = 0, k = 0;
+  const uint8_t *q = nullptr, *gb = nullptr;
+  int64_t group = 0, qtype = 0, n = 0, k = 0;
 
   static Matrix f32(torch::Tensor weight, std::optional<torch::Tensor> bias) {
     TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() && weight.dim() == 2,
@@ -58,6 +63,17 @@ struct Matrix {
     return m;
   }
 
+  static Matrix gguf(torch::Tensor blocks, int64_t qtype, int64_t k, std::optional<torch::Tensor> bias) {
+    check_blocks(blocks, qtype, k);
+    Matrix m;
+    m.blocks = blocks, m.qtype = qtype, m.n = blocks.size(0), m.k = k;
+    m.gb = blocks.data_ptr<uint8_t>();
+    m.set_bias(bias);
+    return m;
+  }
+
+  bool is_int4() const { return q != nullptr; }
+
   void set_bias(const std::optional<torch::Tensor>& b) {
     if (b) {
       TORCH_CHECK(b->scalar_type() == torch::kFloat32 && b->is_contiguous() && b->numel() == n, "bias must be fp32 (N)");
@@ -67,8 +83,8 @@ struct Matrix {
   }
 
   void prepare(const float* x, int64_t rows, MatrixInput& in) const {
-    if (w) in.f32.prepare(x, rows, k);
-    else in.int4.prepare(x, rows, k, group);
+    if (is_int4()) in.int4.prepare(x, rows, k, group);
+    else in.f32.prepare(x, rows, k);
   }
 
   // Whether this matrix's products read x by dot products, as 4 streams (f32.h linear_f32_streams).
@@ -79,6 +95,8 @@ struct Matrix {
     const int64_t count = std::min(kRows, n - n0);
     if (w) {
       linear_f32_block(in.f32, w, n, n0, y);
+    } else if (gb) {
+      gguf_block(in.f32, gb, qtype, n, n0, y);
     } else {
       const int64_t g_count = in.int4.g_count;
       for (int64_t r = n0; r < n0 + count; ++r)
@@ -149,12 +167,13 @@ struct Plan {
 
   bool has_head() const { return final_norm.defined() && head.n > 0; }
 
-  // Whether any matrix is int4: its products take at most kMaxRows rows of x.
+  // Whether any matrix is int4: its products take at most kMaxRows rows of x (fp32 and GGUF blocks take
+  // kPagedMaxRows).
   bool has_int4() const {
     for (const Layer& l : layers)
       for (const Matrix* m : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
-        if (!m->w) return true;
-    return has_head() && !head.w;
+        if (m->is_int4()) return true;
+    return has_head() && head.is_int4();
   }
 };
 
@@ -353,6 +372,7 @@ void register_decode(py::module_& m) {
       .def_static("f32", &Matrix::f32, py::arg("weight"), py::arg("bias") = py::none())
       .def_static("int4", &Matrix::int4, py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("group"),
                   py::arg("bias") = py::none())
+      .def_static("gguf", &Matrix::gguf, py::arg("blocks"), py::arg("qtype"), py::arg("k"), py::arg("bias") = py::none())
       .def_readonly("n", &Matrix::n)
       .def_readonly("k", &Matrix::k);
   py::class_<Layer>(m, "Layer")

@@ -16,7 +16,9 @@ std::string type_list() {
   return names;
 }
 
-// Checks blocks (N, bytes per row) against qtype and k; returns the block format.
+}  // namespace
+
+// Checks blocks (N, bytes per row) against qtype and k; returns the block format (decode.cpp uses it too).
 BlockFormat check_blocks(const torch::Tensor& blocks, int64_t qtype, int64_t k) {
   const BlockFormat f = block_format(qtype);
   TORCH_CHECK(f.values > 0, "GGML type ", qtype, " has no lmforge kernel; types with one: ", type_list(),
@@ -31,6 +33,8 @@ BlockFormat check_blocks(const torch::Tensor& blocks, int64_t qtype, int64_t k) 
               " bytes)");
   return f;
 }
+
+namespace {
 
 // y (M, N) = x (M, K) @ dequantize(blocks)^T for 1..64 rows of fp32 x; x stays fp32.
 torch::Tensor gguf_linear_op(const torch::Tensor& x, const torch::Tensor& blocks, int64_t qtype, int64_t k) {
