@@ -63,6 +63,7 @@ def _load(model: str, device: str = "auto", dtype: str = "auto"):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    native = dtype == "auto" and device == "cpu"  # a quantized GGUF keeps its blocks (checkpoint/gguf_blocks.py)
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -71,8 +72,10 @@ def _load(model: str, device: str = "auto", dtype: str = "auto"):
         raise ValueError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
     start = time.perf_counter()
     loaded = load(hub.resolve(model, pull_missing=model in hub.REGISTRY), device=device,
-                  dtype=getattr(torch, dtype))
-    print(f"[loaded {model} on {device} ({dtype}) in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+                  dtype=None if native else getattr(torch, dtype))
+    kinds = sorted({m.qtype.name for m in loaded[0].modules() if type(m).__name__ == "GGUFLinear"})
+    weights = f"GGUF blocks {'/'.join(kinds)} on lmforge's kernels" if kinds else dtype
+    print(f"[loaded {model} on {device} ({weights}) in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return loaded
 
 
@@ -80,9 +83,10 @@ def _with_adapter(net, adapter: str | None):
     """The model with a fine-tuned adapter (LoRA/DoRA/QLoRA, PEFT layout) applied in place, in eval mode."""
     if not adapter:
         return net
+    from lmforge.checkpoint.gguf_blocks import dequantize_model
     from lmforge.training.adapters import load_adapter
 
-    return load_adapter(net, adapter).eval()
+    return load_adapter(dequantize_model(net), adapter).eval()  # adapters wrap float linears
 
 
 def _params(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
@@ -110,6 +114,18 @@ def _draft(speculative: str | None, draft_tokens: int | None, device: str, dtype
     return ModelDraft(net, tok, k=draft_tokens, name=path)
 
 
+def _draft_factory(draft):
+    """One draft per engine sequence: n-gram lookup is stateless and shared; a model draft gets its own
+    KV cache per sequence over the one loaded model."""
+    from lmforge.generation.drafts import ModelDraft
+
+    if draft is None:
+        return None
+    if isinstance(draft, ModelDraft):
+        return lambda: ModelDraft(draft.model, draft.tokenizer, k=draft.k, name=draft.name)
+    return lambda: draft
+
+
 def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperature: float = 0.7, top_k: int = 0,
              top_p: float = 0.9, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop: list[str] | None = None, num_beams: int = 1, chat: bool = True, device: str = "auto",
@@ -131,7 +147,7 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
         num_beams: beam search width (needs --temperature 0).
         chat: format the prompt with the checkpoint's chat template.
         device: cpu, cuda, cuda:N or auto (CUDA when present).
-        dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU).
+        dtype: float32, bfloat16, float16 or auto (bf16 on CUDA; on the CPU a quantized GGUF runs its blocks natively, anything else fp32; float32 dequantizes).
         adapter: a LoRA/DoRA/QLoRA adapter folder (PEFT layout, e.g. runs/lora/adapter) applied to the model.
         speculative: exact speculative decoding with a draft: ngram (prompt lookup) or model:PATH (same tokenizer).
         draft_tokens: tokens drafted per step, 1..16 (none: adaptive, from 4).
@@ -180,7 +196,7 @@ def chat(model: str = DEFAULT, system: str | None = None, max_tokens: int = 256,
         top_p: nucleus sampling mass.
         seed: random seed for reproducible replies.
         device: cpu, cuda, cuda:N or auto (CUDA when present).
-        dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU).
+        dtype: float32, bfloat16, float16 or auto (bf16 on CUDA; on the CPU a quantized GGUF runs its blocks natively, anything else fp32; float32 dequantizes).
         adapter: a LoRA/DoRA/QLoRA adapter folder (PEFT layout, e.g. runs/lora/adapter) applied to the model.
         speculative: exact speculative decoding with a draft: ngram (prompt lookup) or model:PATH (same tokenizer).
         draft_tokens: tokens drafted per step, 1..16 (none: adaptive, from 4).
@@ -240,7 +256,8 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
           served_name: str | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
           kv_cache_mib: int = 512, block_size: int = 16, prefix_caching: bool = True, max_concurrent: int = 128,
           max_body_bytes: int = 1 << 20, max_tokens: int = 4096, max_n: int = 8, semantic_cache: bool = False,
-          semantic_threshold: float = 0.95, device: str = "auto", dtype: str = "auto") -> int:
+          semantic_threshold: float = 0.95, device: str = "auto", dtype: str = "auto", speculative: str | None = None,
+          draft_tokens: int | None = None) -> int:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
 
     Args:
@@ -261,7 +278,9 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
         semantic_cache: answer near-identical greedy prompts from a cache (all-MiniLM-L6-v2 embeddings).
         semantic_threshold: cosine similarity needed for a semantic-cache hit.
         device: cpu, cuda, cuda:N or auto (CUDA when present).
-        dtype: float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU).
+        dtype: float32, bfloat16, float16 or auto (bf16 on CUDA; on the CPU a quantized GGUF runs its blocks natively, anything else fp32; float32 dequantizes).
+        speculative: exact speculative decoding per request: ngram (prompt lookup) or model:PATH (same tokenizer).
+        draft_tokens: tokens drafted per step, 1..16 (none: adaptive, from 4).
     """
     import os
 
@@ -271,10 +290,11 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
     from lmforge.serving.limits import Limits
     from lmforge.serving.server import ServerSettings, create_app
 
+    draft = _draft(speculative, draft_tokens, device, dtype)
     net, tok = _load(model, device, dtype)
     engine = Engine(net, tok, EngineConfig(block_size=block_size, kv_cache_mib=kv_cache_mib, max_num_seqs=max_num_seqs,
                                            max_num_batched_tokens=max_num_batched_tokens,
-                                           prefix_caching=prefix_caching))
+                                           prefix_caching=prefix_caching), draft=_draft_factory(draft))
     limits = Limits(max_body_bytes=max_body_bytes, max_tokens=max_tokens, max_n=max_n, max_concurrent=max_concurrent,
                     max_prompt_tokens=net.config.block_size - 1)
     settings = ServerSettings(served_name or model, api_key or os.environ.get("LMFORGE_API_KEY"), limits)
