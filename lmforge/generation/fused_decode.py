@@ -223,6 +223,44 @@ def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor | None:
     return _finish(model, plan, out)
 
 
+def _chunk_keys(model, positions: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per rope kind, (T, W) key slots and (T,) counts: token t sees slots lo_t..p_t of an aligned cache
+    (slot = position), lo_t trimmed by the kind's sliding window; padding repeats a visible slot."""
+    tables, lens = {}, {}
+    for kind in sorted(set(model.config.layer_types)):
+        window = model.window(kind)
+        lo = (positions + 1 - window).clamp(min=0) if window else torch.zeros_like(positions)
+        count = positions + 1 - lo
+        table = lo[:, None] + torch.arange(int(count.max()))[None]
+        tables[kind], lens[kind] = torch.minimum(table, positions[:, None]).contiguous(), count
+    return tables, lens
+
+
+def chunk_step(model, tokens: torch.Tensor, cache) -> torch.Tensor | None:
+    """Logits (T, vocab) for T consecutive tokens (T,) of one sequence fed at the static cache's next slots
+    (batch 1, slot t holds position t), causal among themselves: speculative decoding's verify step in
+    one C++ call. None when it does not qualify; model.forward then runs it."""
+    T, start = tokens.shape[0], cache.length
+    if (cache.batch_size != 1 or not _usable(model, T, gemv.PAGED_MAX_ROWS, cache.k)
+            or start + T > min(cache.max_len, model.config.block_size)):
+        return None
+    plan = plan_for(model)
+    ext = gemv.extension()
+    if plan is None or (T > gemv.MAX_ROWS and plan.has_int4) or not hasattr(ext, "decode_layers_chunk"):
+        return None
+    x = model.embed(tokens[None], None).view(T, -1)
+    if not _fp32_cpu(x):
+        return None
+    positions = torch.arange(start, start + T)
+    cache.reserve(positions[None], torch.ones(1, T, dtype=torch.bool))
+    tables, lens = _chunk_keys(model, positions)
+    cos, sin = _rope_rows(model, positions)
+    kinds = sorted(tables)
+    out = ext.decode_layers_chunk(plan, x, cache.k, cache.v, positions, [tables[k] for k in kinds],
+                                  [lens[k] for k in kinds], cos, sin, logits=plan.has_head)
+    return _finish(model, plan, out)
+
+
 def paged_step(model, input_ids: torch.Tensor, positions: torch.Tensor, cache, slot_mapping: torch.Tensor,
                key_slots: dict[str, torch.Tensor], key_lens: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """Logits (N, vocab) for N sequences that each decode one token, over the serving engine's paged cache.

@@ -21,6 +21,7 @@ import torch
 
 from lmforge.generation.drafts import (ADAPTIVE_START, MAX_DRAFT_TOKENS, Draft, check_compatible,
                                        check_draft_tokens)
+from lmforge.generation.fused_decode import chunk_step
 from lmforge.generation.generate import prefill
 from lmforge.generation.kv_cache import KVCache
 from lmforge.generation.sampling import SamplingParams, apply_repetition_penalty, token_probabilities
@@ -194,7 +195,10 @@ class SpeculativeStream:
         drafts = proposal.tokens[:k] if proposal else []
         start = cache.length  # the cache holds context[:-1]; feed the last token and the drafts
         fed = torch.tensor([[context[-1], *drafts]], device=cache.positions.device)
-        logits = target_logits(self.model(fed, cache=cache)[0], context, drafts, self.params)
+        logits = chunk_step(self.model, fed[0], cache)  # the fused C++ step when it qualifies
+        if logits is None:
+            logits = self.model(fed, cache=cache)[0]
+        logits = target_logits(logits, context, drafts, self.params)
         if self.params.greedy:
             accepted, token = verify_greedy(logits, drafts)
         else:

@@ -367,6 +367,49 @@ torch::Tensor decode_layers_paged(const Plan& plan, torch::Tensor x, const std::
   return finish(plan, x, logits, s);
 }
 
+// Several consecutive tokens of one sequence over generate's static cache (1, n_kv_head, max_len, head_dim)
+// per layer: token b goes to slot new_slots[b] and, with the rope kind r of a layer, attends to the first
+// key_lens[r][b] slots of key_slots[r][b]. Every token's key is written before any token attends, so a
+// table that ends at a token's own slot gives causal attention: speculative decoding verifies its drafts so.
+torch::Tensor decode_layers_chunk(const Plan& plan, torch::Tensor x, const std::vector<torch::Tensor>& k_cache,
+                                  const std::vector<torch::Tensor>& v_cache, const torch::Tensor& new_slots,
+                                  const std::vector<torch::Tensor>& key_slots,
+                                  const std::vector<torch::Tensor>& key_lens, const std::vector<torch::Tensor>& cos,
+                                  const std::vector<torch::Tensor>& sin, bool logits) {
+  check_step(plan, x, k_cache, v_cache, cos, sin);
+  const int64_t B = x.size(0), KV = plan.n_kv_head, hd = plan.head_dim;
+  const bool int4 = plan.has_int4();
+  TORCH_CHECK(B >= 1 && B <= (int4 ? kMaxRows : kPagedMaxRows), "the fused chunk step takes 1 to ",
+              int4 ? kMaxRows : kPagedMaxRows, " tokens", int4 ? " with int4 weights" : "", ", got ", B);
+  const int64_t L = k_cache[0].size(2);
+  for (const auto* caches : {&k_cache, &v_cache})
+    for (const auto& c : *caches)
+      TORCH_CHECK(c.scalar_type() == torch::kFloat32 && c.is_contiguous() && c.dim() == 4 && c.size(0) == 1 &&
+                      c.size(1) == KV && c.size(2) == L && c.size(3) == hd,
+                  "KV caches must be contiguous fp32 (1, n_kv_head, max_len, head_dim)");
+  TORCH_CHECK(new_slots.dim() == 1 && new_slots.size(0) == B && all_in(new_slots, 0, L - 1),
+              "new_slots must be contiguous int64 CPU (B,) slots of the cache");
+  TORCH_CHECK(key_slots.size() == cos.size() && key_lens.size() == cos.size(), "one key table per rope kind");
+  for (size_t r = 0; r < key_slots.size(); ++r) {
+    const auto &table = key_slots[r], &lens = key_lens[r];
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == B && all_in(table, 0, L - 1),
+                "key_slots must be contiguous int64 CPU (B, W) slots of the cache");
+    TORCH_CHECK(lens.dim() == 1 && lens.size(0) == B && all_in(lens, 1, table.size(1)),
+                "key_lens must be contiguous int64 CPU (B,) counts in [1, W]");
+  }
+  Scratch s(plan, B);
+  for (size_t li = 0; li < plan.layers.size(); ++li) {  // every token lies in cache row 0
+    const Layer& layer = plan.layers[li];
+    const auto& table = key_slots[layer.rope];
+    const LayerKV kv{k_cache[li].data_ptr<float>(), v_cache[li].data_ptr<float>(), 0, hd, L * hd,
+                     new_slots.data_ptr<int64_t>(),
+                     {table.data_ptr<int64_t>(), key_lens[layer.rope].data_ptr<int64_t>(), table.size(1), 0, 0}};
+    layer_step(plan, layer, x.data_ptr<float>(), B, kv, cos[layer.rope].data_ptr<float>(),
+               sin[layer.rope].data_ptr<float>(), s);
+  }
+  return finish(plan, x, logits, s);
+}
+
 void register_decode(py::module_& m) {
   py::class_<Matrix>(m, "Matrix")
       .def_static("f32", &Matrix::f32, py::arg("weight"), py::arg("bias") = py::none())
@@ -400,6 +443,9 @@ void register_decode(py::module_& m) {
   m.def("decode_layers", &decode_layers, "every block for one new token per row, over the static KV cache",
         py::arg("plan"), py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot"), py::arg("cos"),
         py::arg("sin"), py::arg("logits") = false);
+  m.def("decode_layers_chunk", &decode_layers_chunk, "several tokens of one sequence, over the static KV cache",
+        py::arg("plan"), py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("new_slots"),
+        py::arg("key_slots"), py::arg("key_lens"), py::arg("cos"), py::arg("sin"), py::arg("logits") = false);
   m.def("decode_layers_paged", &decode_layers_paged, "every block for one new token per row, over the paged KV cache",
         py::arg("plan"), py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("new_slots"),
         py::arg("key_slots"), py::arg("key_lens"), py::arg("cos"), py::arg("sin"), py::arg("logits") = false);

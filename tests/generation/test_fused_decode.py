@@ -214,3 +214,28 @@ def test_paged_step_refuses_what_it_cannot_run():
     assert _paged_step(model, 8).shape == (8, model.config.n_embd)
     with pytest.raises(RuntimeError, match="1 to 8 rows with int4 weights, got 9"):
         _paged_step(model, 9)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("prompt_len, chunk", [(1, 1), (11, 6), (3, 17)])
+def test_chunk_step_equals_forward_over_several_tokens(name, prompt_len, chunk):
+    """Speculative decoding's verify step: T tokens of one sequence attend causally to the cache and to each
+    other (Gemma's window of 8 trims the oldest keys); logits, keys and slot bookkeeping equal forward's."""
+    model = tiny(name, seed=8)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len))
+    tokens = torch.randint(0, model.config.vocab_size, (chunk,))
+    caches = [KVCache(model.config, 1, 40) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompt, cache=cache)
+        fused = fused_decode.chunk_step(model, tokens, caches[0])
+        reference = model(tokens[None], cache=caches[1])[0]
+        with fused_decode.disabled():
+            assert fused_decode.chunk_step(model, tokens, KVCache(model.config, 1, 40)) is None
+    assert fused is not None
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+    assert caches[0].length == caches[1].length == prompt_len + chunk
+    assert torch.equal(caches[0].positions, caches[1].positions) and torch.equal(caches[0].valid, caches[1].valid)
+    filled = prompt_len + chunk  # the slots past it were never written (torch.empty)
+    torch.testing.assert_close(torch.stack(caches[0].k)[..., :filled, :], torch.stack(caches[1].k)[..., :filled, :],
+                               rtol=1e-4, atol=1e-4)
