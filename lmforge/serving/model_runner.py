@@ -215,16 +215,29 @@ class ModelRunner:
         input_ids = torch.tensor([ids], device=dev)
         pos = positions[None].to(dev)
         slot_mapping = slots.to(dev)
-        plans = {kind: self._plan(layout, self.model.window(kind)) for kind in set(self.model.config.layer_types)}
-        if all(plan.decode_only for plan in plans.values()):  # one new token per sequence: try the fused C++ step
-            n = len(ids)
+        kinds = set(self.model.config.layer_types)
+        if all(n == 1 or seq.draft_ids for seq, n in zip(batch.seqs, batch.num_tokens)):
+            # decodes and draft verifications only: every token is a row of the fused C++ step, with its own keys
+            keys = {kind: self._token_keys(layout, positions, self.model.window(kind)) for kind in kinds}
             logits = paged_step(self.model, input_ids[0], pos[0], self.cache, slot_mapping,
-                                {kind: plan.decode_slots.view(n, -1) for kind, plan in plans.items()},
-                                {kind: plan.decode_lens for kind, plan in plans.items()})
+                                {kind: slots for kind, (slots, _) in keys.items()},
+                                {kind: lens for kind, (_, lens) in keys.items()})
             if logits is not None:  # a one-token prefill chunk that does not end its prompt samples nothing
                 return logits[sample_at].float().cpu(), sampling
-        contexts = {kind: PagedAttention(self.cache, slot_mapping, plan, self.model.rope_at(kind, pos))
-                    for kind, plan in plans.items()}
+        contexts = {kind: PagedAttention(self.cache, slot_mapping, self._plan(layout, self.model.window(kind)),
+                                         self.model.rope_at(kind, pos)) for kind in kinds}
         logits = self.model(input_ids, positions=pos, contexts=contexts,
                             output_index=torch.tensor(sample_at, dtype=torch.long, device=dev))
         return logits[0].float().cpu(), sampling  # sampling runs on the CPU
+
+    def _token_keys(self, layout: StepLayout, positions: torch.Tensor, window: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L) cache slots of every packed token's keys (its sequence's positions up to its own, a window
+        trimming the oldest; padded with slot 0) and (N,) their counts: causal within a verified chunk."""
+        rows = torch.repeat_interleave(torch.arange(len(layout.counts)), torch.tensor(layout.counts))
+        ends = positions + 1
+        lo = (ends - window).clamp(min=0) if window else torch.zeros_like(ends)
+        lens = ends - lo
+        valid = torch.arange(int(lens.max()))[None] < lens[:, None]
+        keys = (lo[:, None] + torch.arange(valid.shape[1])[None]).masked_fill(~valid, 0)
+        return self._slots(layout.tables[rows], keys).masked_fill(~valid, 0), lens

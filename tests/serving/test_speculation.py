@@ -13,7 +13,7 @@ from lmforge.generation.generate import generate_ids
 from lmforge.generation.sampling import SamplingParams
 from lmforge.model.transformer import build_model
 from lmforge.serving.engine import Engine, EngineConfig
-from tests.serving.test_engine import ByteTokenizer
+from tests.serving.test_engine import ByteTokenizer, _fused_step_rows, needs_kernels
 
 
 def tiny(seed: int, **overrides):
@@ -102,3 +102,18 @@ def test_rejections_free_their_blocks():
 def test_a_draft_with_another_vocabulary_is_refused():
     with pytest.raises(ValueError, match="vocabulary of 300 tokens"):
         Engine(tiny(0), ByteTokenizer(), EngineConfig(num_blocks=16), draft=lambda: ModelDraft(tiny(1, vocab_size=300)))
+
+
+@needs_kernels
+def test_verify_steps_run_in_the_fused_paged_step(monkeypatch):
+    """A step of decodes and draft verifications runs every token as a row of the C++ step (1 + k rows for
+    one sequence), and its ids stay plain greedy's."""
+    rows = _fused_step_rows(monkeypatch)
+    target = tiny(0)
+    engine = Engine(target, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=64), draft=lambda: ModelDraft(target, k=5))
+    seq = engine.add_request([7, 8, 9, 10], SamplingParams(temperature=0, max_new_tokens=14, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert 6 in rows  # the last token and 5 drafts, verified in one fused call
+    assert seq.output_ids == generate_ids(target, [[7, 8, 9, 10]], SamplingParams(max_new_tokens=14, temperature=0,
+                                                                                 ignore_eos=True))[0]
