@@ -254,13 +254,23 @@ inline void decode_block_vec(const uint8_t* blk, float* out) {
 
 #if defined(__AVX512F__)
 // The 16 weights (i - offset) * a (+ b), i = 0..15: a block's (or sub-block's) weight for each code,
-// so that one lookup (vpermps) replaces widening a code to fp32, multiplying and adding.
-template <bool Offset>
+// so that one lookup (vpermps) replaces widening a code to fp32, multiplying and adding. Exact: as the
+// reference rounds (multiply, then add); else one fused multiply-add (products, within an ulp).
+template <bool Offset, bool Exact>
 inline __m512 code_table(int offset, float a, float b = 0.f) {
   const __m512 codes = _mm512_sub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                      _mm512_set1_ps(float(offset)));
+  if (Offset && !Exact) return _mm512_fmadd_ps(codes, _mm512_set1_ps(a), _mm512_set1_ps(b));
   const __m512 w = _mm512_mul_ps(codes, _mm512_set1_ps(a));
   return Offset ? _mm512_add_ps(w, _mm512_set1_ps(b)) : w;
+}
+
+// The two IEEE halves at p (Q4_1's d and m, Q4_K's d and dmin) as floats, in one conversion.
+inline void halves_at(const uint8_t* p, float& first, float& second) {
+  int32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m128 both = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+  first = _mm_cvtss_f32(both), second = _mm_cvtss_f32(_mm_movehdup_ps(both));
 }
 
 // The 16 bytes at p in 32-bit lanes: a lane indexes a code_table by its low nibble, and shifted right
@@ -272,19 +282,21 @@ inline __m512 scaled16(__m128i codes, float a) {
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), _mm512_set1_ps(a));
 }
 
-// Weights 32 s .. 32 s + 31 of one block into w[0] (the first 16) and w[1].
-template <int64_t T>
+// Weights 32 s .. 32 s + 31 of one block into w[0] (the first 16) and w[1]; Exact as the reference
+// computes them (dequantize), else possibly an ulp apart (products: one fused multiply-add fewer).
+template <int64_t T, bool Exact = true>
 inline void slice32(const uint8_t* blk, int s, __m512 w[2]) {
   if constexpr (T == kQ4_0 || T == kQ4_1) {
-    const __m512 table = T == kQ4_0 ? code_table<false>(8, half_at(blk))
-                                    : code_table<true>(0, half_at(blk), half_at(blk + 2));
+    float d, m;
+    halves_at(blk, d, m);  // Q4_0: m is its first code byte, unused
+    const __m512 table = T == kQ4_0 ? code_table<false, Exact>(8, d) : code_table<true, Exact>(0, d, m);
     const __m512i q = widen16(blk + (T == kQ4_0 ? 2 : 4));
     w[0] = _mm512_permutexvar_ps(q, table), w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
   } else if constexpr (T == kQ5_0) {  // codes 0..15 and 16..31: the fifth bit picks the table
     uint32_t qh;
     std::memcpy(&qh, blk + 2, 4);
     const float d = half_at(blk);
-    const __m512 low = code_table<false>(16, d), high = code_table<false>(0, d);
+    const __m512 low = code_table<false, Exact>(16, d), high = code_table<false, Exact>(0, d);
     const __m512i q[2] = {widen16(blk + 6), _mm512_srli_epi32(widen16(blk + 6), 4)};
     for (int i = 0; i < 2; ++i)
       w[i] = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(q[i], low), __mmask16(qh >> (16 * i)), q[i], high);
@@ -293,8 +305,10 @@ inline void slice32(const uint8_t* blk, int s, __m512 w[2]) {
     w[0] = scaled16(load16(blk + 2), d), w[1] = scaled16(load16(blk + 18), d);
   } else if constexpr (T == kQ4_K) {  // sub-block s: bytes 32 (s / 2).., low nibbles for even s, high for odd
     int scale, min;
+    float d, dmin;
     q4_k_scale_min(blk + 4, s, scale, min);
-    const __m512 table = code_table<true>(0, half_at(blk) * float(scale), -(half_at(blk + 2) * float(min)));
+    halves_at(blk, d, dmin);
+    const __m512 table = code_table<true, Exact>(0, d * float(scale), -(dmin * float(min)));
     for (int i = 0; i < 2; ++i) {
       const __m512i q = widen16(blk + 16 + 32 * (s / 2) + 16 * i);
       w[i] = _mm512_permutexvar_ps(s % 2 ? _mm512_srli_epi32(q, 4) : q, table);

@@ -48,7 +48,7 @@ inline void slice_dots(const uint8_t* const* r, int64_t k, const float* x, float
       const float* xs = x + b * values + 32 * s;
       for (int j = 0; j < J; ++j) {
         __m512 w[2];
-        slice32<T>(r[j] + b * bytes, s, w);
+        slice32<T, false>(r[j] + b * bytes, s, w);
         for (int m = 0; m < MR; ++m) {
           acc[m][j] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xs + m * k), acc[m][j]);
           acc[m][j] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xs + m * k + 16), acc[m][j]);
