@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from lmforge.generation.fused_decode import chunk_step
 from lmforge.generation.kv_cache import KVCache
 from lmforge.generation.sampling import SamplingParams, apply_repetition_penalty, token_probabilities
 
@@ -63,12 +64,17 @@ def check_draft_tokens(k: int | None) -> int | None:
 
 
 class NgramDraft:
-    """Prompt lookup decoding: find the last n-gram earlier in prompt+output, propose what followed it."""
+    """Prompt lookup decoding: find the last n-gram earlier in prompt+output, propose what followed it.
+
+    `min_ngram` is 2 by default: on SmolLM2-135M the token after a single matching token was right
+    12-13% of the time (3-gram matches: 75-100%), below the ~18% at which one more verified token pays
+    for itself on the CPU, and skipping those guesses took open chat from 0.92x to 1.00x plain.
+    """
 
     vocab_size = None
     tokenizer = None
 
-    def __init__(self, k: int | None = None, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, k: int | None = None, max_ngram: int = 3, min_ngram: int = 2) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"n-gram sizes need 1 <= min_ngram <= max_ngram; got {min_ngram}, {max_ngram}")
         self.k, self.max_ngram, self.min_ngram = check_draft_tokens(k), max_ngram, min_ngram
@@ -152,10 +158,12 @@ class ModelDraft:
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
         """Run `ids` through the draft after its cached tokens; logits (1, V) after the last one."""
-        device = self.cache.positions.device
-        logits = self.model(torch.tensor([ids], device=device), cache=self.cache, last_only=True)
+        tokens = torch.tensor(ids, device=self.cache.positions.device)
+        logits = chunk_step(self.model, tokens, self.cache)  # the fused C++ step when it qualifies
+        if logits is None:
+            logits = self.model(tokens[None], cache=self.cache, last_only=True)[0]
         self.seen.extend(ids)
-        return logits[:, -1]
+        return logits[-1:]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

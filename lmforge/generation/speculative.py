@@ -126,7 +126,8 @@ class SpeculativeStream:
     """TokenStream's interface (`__iter__`, `finish`, `reasons`, `done`) over speculative decoding.
 
     Rows run one after another at batch size 1; `stats` (all rows) and `row_stats` count drafted
-    and accepted tokens and target forwards.
+    and accepted tokens and target forwards. `pad_id` is unused (batch 1 needs no padding); it keeps
+    the signature TokenStream's.
     """
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_ids: set[int],

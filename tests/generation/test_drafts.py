@@ -35,7 +35,7 @@ class TableTokenizer:
 
 
 def test_ngram_proposes_what_followed_the_latest_match_of_the_longest_ngram():
-    draft = NgramDraft(max_ngram=3)
+    draft = NgramDraft(max_ngram=3, min_ngram=1)
     #          0  1  2  3  4  5  6  7  8  9
     context = [1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3]  # tail (2, 3): latest earlier match at 5 -> 5, 6, ...
     assert draft.propose(context, 3, GREEDY).tokens == [5, 6, 2]
@@ -44,6 +44,9 @@ def test_ngram_proposes_what_followed_the_latest_match_of_the_longest_ngram():
     assert draft.propose([1, 2, 3, 4], 4, GREEDY) .tokens == []  # no match: a plain step
     assert draft.propose([7], 4, GREEDY).tokens == [] and draft.propose([7, 7], 4, GREEDY).tokens == [7]
     assert draft.propose(context, 3, GREEDY).probs is None  # deterministic: q is one-hot
+    assert NgramDraft().propose([1, 2, 3, 4, 3], 4, GREEDY).tokens == []  # by default a lone token is no match
+    with pytest.raises(ValueError, match="1 <= min_ngram <= max_ngram"):
+        NgramDraft(max_ngram=2, min_ngram=3)
 
 
 def test_model_draft_greedy_proposals_are_the_draft_models_greedy_continuation():

@@ -209,4 +209,4 @@ def test_generate_with_a_draft_equals_plain_greedy_on_the_real_model(smollm2_ggu
     spec = generate(model, tok, [prompt, "Paris is"], params, draft=NgramDraft())
     for a, b in zip(plain, spec):
         assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
-    assert plain[0].spec_stats is None and spec[0].spec_stats["accepted"] >= 8
+    assert plain[0].spec_stats is None and spec[0].spec_stats["accepted"] >= 4
