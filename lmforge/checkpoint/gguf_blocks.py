@@ -1,7 +1,8 @@
 """Layers whose weights stay in GGUF's quantized blocks (ggml's layouts) and compute on lmforge's kernels.
 
 A Q4_1 weight is 20 bytes per 32 values where fp32 is 128, and batch-1 decode is bound by reading
-weights, so keeping them in their blocks is both smaller and faster (docs/benchmarks.md).
+weights, so keeping them in their blocks is both smaller and faster: SmolLM2 Q4_1 loads in 106 MiB instead
+of 575 MiB, and a decode step takes 12.6 ms of CPU instead of 27.3 ms (one thread, fused step).
 `GGUFLinear` multiplies up to 512 rows with lmforge/kernels/gguf_dot.h, 64 rows per call (x stays
 fp32, so results equal x @ dequantize(W)^T to fp32 rounding; at 64 rows decoding the blocks is a few
 percent of the arithmetic); more rows dequantize a tile of output rows at a time for torch's GEMM, so
@@ -227,3 +228,14 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         setattr(model.get_submodule(parent), attr, new)
     return model
 
+
+def float_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """model.state_dict() with every GGUF block module's `blocks` replaced by its fp32 `weight`, leaving the
+    model as it is: exporters write a natively loaded model the way they write a dequantized one."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, (GGUFLinear, GGUFEmbedding)):
+            prefix = f"{name}." if name else ""
+            if state.pop(f"{prefix}blocks", None) is not None:
+                state[f"{prefix}weight"] = module.weight
+    return state

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from lmforge.atomic import atomic_write
 from lmforge.checkpoint.gguf import ARCH_STYLE
+from lmforge.checkpoint.gguf_blocks import float_state_dict
 from lmforge.checkpoint.gguf_file import GGUFFile
 from lmforge.config import Config
 from lmforge.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer
@@ -66,7 +67,7 @@ def save_gguf(model: torch.nn.Module, tokenizer_source: str | Path, path: str | 
     writer.add_quantization_version(GGML_QUANT_VERSION)
     for key, (value, vtype, sub_type) in tokenizer_kv.items():
         writer.add_key_value(key, value, vtype, sub_type)
-    n_tensors = len(model.state_dict()) - int(config.tie_embeddings)
+    n_tensors = len(float_state_dict(model)) - int(config.tie_embeddings)
     for name, array in tqdm(gguf_tensors(model, arch), f"GGUF {qtype.name}", n_tensors, leave=False, unit="tensor"):
         data, raw_type = quantize_tensor(name, array, qtype)
         writer.add_tensor(name, data, raw_dtype=raw_type)
@@ -135,7 +136,7 @@ def gguf_tensors(model: torch.nn.Module, arch: str) -> Iterator[tuple[str, np.nd
     """(llama.cpp name, fp32 row-major array) for every weight, in llama.cpp's layout, one at a time."""
     config: Config = model.config
     inverse = {hf: gg for gg, hf in ARCH_STYLE[arch][1].items()}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in float_state_dict(model).items():
         if name == "lm_head.weight" and config.tie_embeddings:
             continue  # llama.cpp reuses token_embd when output.weight is absent
         tensor = tensor.detach().to("cpu", torch.float32)

@@ -7,8 +7,6 @@ name table (its weights are stored transposed, q/k/v fused).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmforge.atomic import atomic_write, atomic_write_text
 from lmforge.checkpoint.errors import CheckpointError
+from lmforge.checkpoint.gguf_blocks import float_state_dict
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
 
 LLAMA_TYPES = ("llama", "mistral")
@@ -172,7 +172,7 @@ def save_hf(model, path: str | Path) -> Path:
     config: Config = model.config
     if config.position != "rope":
         raise ValueError("save_hf writes LLaMA-style and Gemma 3 models; GPT-2 export is not supported yet")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in float_state_dict(model).items()}
     plain = set(_plain_keys(config))
     extra = sorted(set(state) - plain)
     if extra:
@@ -181,9 +181,9 @@ def save_hf(model, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    _atomic(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     hf = hf_config(config)
-    _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
+    atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
     return path
 
 
@@ -203,7 +203,7 @@ def save_pretrained(model, tokenizer, path: str | Path) -> Path:
     stops = sorted(tokenizer.stop_ids)
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops if len(stops) > 1 else tokenizer.eos_id,
                   "pad_token_id": tokenizer.pad_id}
-    _atomic(path / "generation_config.json", lambda tmp: Path(tmp).write_text(json.dumps(generation, indent=2)))
+    atomic_write_text(path / "generation_config.json", json.dumps(generation, indent=2))
     return path
 
 
@@ -229,14 +229,3 @@ def hf_config(config: Config) -> dict[str, Any]:
                    layer_types=["sliding_attention" if t == "sliding" else "full_attention"
                                 for t in config.layer_types])
     return cfg
-
-
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -175,3 +175,17 @@ def test_real_native_logits_and_greedy_ids_equal_the_float32_load(real_pair):
     params = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
     prompt = ids[0, :11].tolist()
     assert generate_ids(native, [prompt], params) == generate_ids(plain, [prompt], params)
+
+
+def test_float_state_dict_exports_a_native_model_like_its_float_load(tmp_path):
+    """Exporters read float_state_dict: a natively loaded model gives the float load's tensors, untouched."""
+    from lmforge.checkpoint.gguf_blocks import float_state_dict
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, {"attn_q": Q.Q4_K, "ffn_down": Q.Q6_K})
+    native, plain = load_model(path), load_model(path, dtype=torch.float32)
+    got, expected = float_state_dict(native), plain.state_dict()
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert isinstance(native.model.layers[0].self_attn.q_proj, GGUFLinear)  # the model itself keeps its blocks
