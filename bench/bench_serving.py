@@ -1,19 +1,24 @@
-"""Serving benchmark: `lmforge serve` under 1-64 streaming clients vs transformers and llama.cpp.
+"""Serving benchmark: `lmforge serve` under 1-64 streaming clients vs transformers, llama.cpp and llama-server.
 
-One run on SmolLM2-135M (the registry GGUF), the same chat prompts rendered once to token ids
-by the model's template, greedy, 64 new tokens at most:
+One run on SmolLM2-135M (the registry's Q4_1 GGUF), the same chat prompts, greedy, 64 new tokens at most:
 
-- lmforge: `lmforge serve` as a subprocess on a free 127.0.0.1 port; an asyncio + httpx load
-  generator streams `POST /v1/chat/completions` with C workers pulling N = max(2C, 8) requests.
-- transformers: `generate` at batch 8 (left padding, fp32, the same GGUF dequantized).
+- lmforge: `lmforge serve` as a subprocess on a free 127.0.0.1 port (native GGUF blocks by default;
+  engine `lmforge-fp32` adds `--dtype float32`); an asyncio + httpx load generator (serving_load.py)
+  streams `POST /v1/chat/completions` with C workers pulling N = max(2C, 8) requests.
+- llama-server: llama.cpp's own server (`-np S -t T -tb T`, continuous batching), driven by the same
+  load generator; the binary from --llama-server, $LLAMA_SERVER, the build cache or PATH.
+- transformers: `generate` at batch 8 (left padding, fp32, the same GGUF dequantized), prompt ids.
 - llama.cpp: llama-cpp-python completing the same prompt ids one after another (Q4_1 native).
 
-Peers run first, each in its own process, before the server starts: never two engines at once.
-Run:
+Never two engines at once: peers each in their own process, servers one after another. With
+lmforge-fp32 or llama-server among --engines the run is the native comparison of issue 26
+(bench/results/serving_native.json, the `serving-native` docs section, --repeats interleaved);
+otherwise the original report (bench/results/serving.json, the `serving` section). Run:
 
     python bench/bench_serving.py              # levels 1, 4, 16, 64; peers on 16 prompts
     python bench/bench_serving.py --threads 1  # the same on one thread per engine (shared machine)
     python bench/bench_serving.py --quick    # levels 1 and 4, 8 prompts (smoke test)
+    python bench/bench_serving.py --levels 16 --engines lmforge,lmforge-fp32,llama-server --repeats 2
 """
 
 from __future__ import annotations
@@ -23,8 +28,7 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,10 +36,13 @@ import time
 from datetime import date
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving_load import (MAX_TOKENS, REQUEST_TIMEOUT_S, SERVER_ENGINES, cpu_ticks, find_llama_server,  # noqa: E402
+                          free_port, other_cores, run_level, server_command, start_server, stop_server, summarize)
+from serving_native import compare_doc, compare_plot, compare_table, compare_targets, pool, same_texts  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-MAX_TOKENS = 64
-REQUEST_TIMEOUT_S = 120.0
 TARGET_CLIENTS, TARGET_RATIO, TARGET_TTFT_P99_S = 16, 3.0, 2.0
 
 TOPICS = ["photosynthesis", "black holes", "the French Revolution", "compound interest", "vaccines",
@@ -51,27 +58,6 @@ TOPICS = ["photosynthesis", "black holes", "the French Revolution", "compound in
           "origami", "nuclear fusion", "the human eye", "time zones"]
 TEMPLATES = ["Explain {} in two sentences.", "Write a short paragraph about {} for a ten-year-old."]
 PROMPTS = [t.format(topic) for topic in TOPICS for t in TEMPLATES]  # 128 distinct, templates alternate
-
-
-def percentiles(values: list[float]) -> dict:
-    """p50/p95/p99 (linear interpolation) of `values`; None when there are none."""
-    if not values:
-        return {"p50": None, "p95": None, "p99": None}
-    import numpy as np
-
-    p = np.percentile(np.asarray(values, dtype=float), [50, 95, 99])
-    return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
-
-
-def summarize(records: list[dict], wall_s: float, **extra) -> dict:
-    """Throughput and latency percentiles of per-request records {tokens, ttft, itl, error}."""
-    ok = [r for r in records if not r.get("error")]
-    tokens = sum(r["tokens"] for r in ok)
-    return {"requests": len(records), "failures": len(records) - len(ok), "completion_tokens": tokens,
-            "wall_s": wall_s, "tok_s": tokens / wall_s if wall_s > 0 else 0.0,
-            "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
-            "itl_s": percentiles([gap for r in ok for gap in r["itl"]]),
-            "errors": sorted({r["error"] for r in records if r.get("error")})[:5], **extra}
 
 
 # -- peers, each in a fresh process ------------------------------------------------------------------
@@ -148,6 +134,7 @@ def _until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
 
 
 WORKERS = {"transformers": worker_transformers, "llama.cpp": worker_llama_cpp}
+ENGINES = (*SERVER_ENGINES, *WORKERS)
 
 
 def run_peer(name: str, job: Path, timeout: float) -> dict | None:
@@ -164,115 +151,16 @@ def run_peer(name: str, job: Path, timeout: float) -> dict | None:
     return json.loads(out.read_text())
 
 
-# -- lmforge server and load generator ----------------------------------------------------------------
+# -- HTTP servers, one at a time ---------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, max_num_seqs: int, threads: int) -> tuple[subprocess.Popen, str, Path]:
-    import httpx
-
-    port, log = free_port(), Path(tempfile.mkstemp(suffix=".serve.log")[1])
-    cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--served-name", "smol", "--max-num-seqs", str(max_num_seqs)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in the server
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=ROOT, env=env)
-    base, deadline = f"http://127.0.0.1:{port}", time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base, log
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    stop_server(proc)
-    raise RuntimeError(f"lmforge serve did not come up; its log:\n{log.read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-async def one_request(client, base: str, prompt: str) -> dict:
-    """Stream one chat completion; TTFT to the first content chunk, gaps between content chunks."""
-    body = {"model": "smol", "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    record = {"tokens": 0, "ttft": None, "itl": [], "text": "", "error": None}
-    start = last = time.perf_counter()
-    try:
-        async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                record["error"] = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-                return record
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    record["tokens"] = chunk["usage"]["completion_tokens"]
-                for choice in chunk["choices"]:
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        now = time.perf_counter()
-                        if record["ttft"] is None:
-                            record["ttft"] = now - start
-                        else:
-                            record["itl"].append(now - last)
-                        last, record["text"] = now, record["text"] + text
-    except Exception as err:  # timeouts, resets: counted as failures, named in the results
-        record["error"] = f"{type(err).__name__}: {err}"[:200]
-    return record
-
-
-async def run_level(base: str, prompts: list[str], clients: int, budget_s: float) -> dict:
-    """C workers drain a queue of prompts; stops early (marked truncated) when the time budget ends."""
-    import httpx
-
-    queue: asyncio.Queue = asyncio.Queue()
-    for i, p in enumerate(prompts):
-        queue.put_nowait((i, p))
-    records: dict[int, dict] = {}
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-
-    async def worker(client) -> None:
-        while not queue.empty():
-            i, prompt = queue.get_nowait()
-            records[i] = await one_request(client, base, prompt)
-
-    async def progress(start: float) -> None:
-        while True:
-            await asyncio.sleep(5)
-            done = sum(r["tokens"] for r in records.values())
-            print(f"    {clients:>2} clients: {len(records)}/{len(prompts)} requests, {done} tokens, "
-                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
-
-    start, truncated = time.perf_counter(), False
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        ticker = asyncio.create_task(progress(start))
-        try:
-            await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(clients))), budget_s)
-        except asyncio.TimeoutError:
-            truncated = True
-        finally:
-            ticker.cancel()
-    wall = time.perf_counter() - start
-    ordered = [records[i] for i in sorted(records)]
-    return summarize(ordered, wall, clients=clients, truncated=truncated, texts=[r["text"] for r in ordered])
-
-
-def bench_lmforge(model: Path, prompts: list[str], levels: list[int], deadline: float, threads: int) -> dict:
-    proc, base, log = start_server(model, max(levels), threads)
+def bench_server(engine: str, model: Path, prompts: list[str], levels: list[int], deadline: float,
+                 threads: int, llama_server: Path | None = None) -> dict:
+    """Start one server engine, warm it up, run each client level on N = max(2C, 8) prompts, stop it."""
+    cmd = server_command(engine, model, free_port(), max(levels), threads, llama_server)
+    proc, base, log = start_server(cmd, threads)
     results = {}
     try:
-        print(f"  server up at {base}; warm-up", file=sys.stderr)
+        print(f"  {engine} up at {base}; warm-up", file=sys.stderr)
         asyncio.run(run_level(base, prompts[-2:], 1, 120))  # warm-up, untimed
         for clients in levels:
             budget = deadline - time.time()
@@ -280,9 +168,12 @@ def bench_lmforge(model: Path, prompts: list[str], levels: list[int], deadline: 
                 print(f"  {clients} clients: skipped (time cap)", file=sys.stderr)
                 continue
             n = max(2 * clients, 8)
+            before, start = cpu_ticks(proc.pid), time.perf_counter()
             results[str(clients)] = r = asyncio.run(run_level(base, prompts[:n], clients, budget))
-            print(f"  {clients:>2} clients: {r['tok_s']:.1f} tok/s, TTFT p99 {_fmt(r['ttft_s']['p99'])} s, "
-                  f"{r['failures']} failed{' (TRUNCATED)' if r['truncated'] else ''}", file=sys.stderr)
+            r["other_cores"] = other_cores(before, cpu_ticks(proc.pid), time.perf_counter() - start)
+            print(f"  {engine}, {clients:>2} clients: {r['tok_s']:.1f} tok/s, TTFT p99 {_fmt(r['ttft_s']['p99'])} s, "
+                  f"{r['failures']} failed{' (TRUNCATED)' if r['truncated'] else ''}, other processes busy "
+                  f"{r['other_cores']:.2f} cores", file=sys.stderr)
     finally:
         stop_server(proc)
         log.unlink(missing_ok=True)
@@ -381,7 +272,8 @@ def doc_section(table_text: str, targets: dict, meta: dict, command: str) -> str
         "\"Write a short paragraph about X for a ten-year-old.\"), rendered once by the GGUF's chat template "
         f"(default system prompt included, {meta['prompt_tokens']} prompt tokens each), greedy, "
         f"`max_tokens={MAX_TOKENS}`; tok/s counts the tokens actually generated (stops at EOS count less) "
-        "over the wall time of the level. lmforge: `lmforge serve` (fp32, dequantized GGUF, "
+        "over the wall time of the level. lmforge: `lmforge serve` (its default: the GGUF's Q4_1 blocks on "
+        "lmforge's kernels, "
         f"`--max-num-seqs {meta['max_num_seqs']}`, defaults otherwise) on 127.0.0.1; every engine computes on "
         f"{meta['threads']} thread(s); C asyncio + httpx clients "
         "stream `POST /v1/chat/completions` and pull N = max(2C, 8) requests from one queue; TTFT is "
@@ -391,12 +283,55 @@ def doc_section(table_text: str, targets: dict, meta: dict, command: str) -> str
         "(half of the 16-client level's 32) as the same token ids: transformers `generate` at batch 8 "
         "(fp32, the same GGUF dequantized, left padding; TTFT and ITL from per-step timestamps, TTFT "
         "measured from each batch's start) and llama-cpp-python `create_completion` one prompt after another "
-        "(Q4_1 native kernels, so it does less arithmetic per token than the fp32 engines).\n\n"
+        "(Q4_1 native kernels, so it does less arithmetic per token than fp32 transformers).\n\n"
         f"{table_text}\n\n{goals}\n\n"
         f"Greedy outputs at 16 clients identical to transformers: {meta['agree_transformers']}; to llama.cpp: "
         f"{meta['agree_llama_cpp']} (llama.cpp computes in Q4_1, so drift there is expected).\n\n"
         "![generated tokens/s vs concurrent clients](../bench/results/serving_throughput.png)\n\n"
         "Raw numbers: `bench/results/serving.json`.")
+
+
+# -- native blocks vs llama-server (issue 26) ---------------------------------------------------------
+
+def run_native_comparison(args: argparse.Namespace, model: Path, meta: dict, t0: float) -> None:
+    """lmforge native, lmforge fp32 and llama-server, one server at a time, repetitions interleaved."""
+    deadline = t0 + args.max_minutes * 60
+    engines = [e for e in args.engines if e in SERVER_ENGINES]
+    llama = find_llama_server(args.llama_server)
+    meta["llama_server"] = _llama_server_version(llama) if llama else (
+        "NOT BUILT here: no llama-server binary found, so the llama-server rows and ratios are missing")
+    if "llama-server" in engines and llama is None:
+        print(f"llama-server: {meta['llama_server']}", file=sys.stderr)
+        engines.remove("llama-server")
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for rep in range(args.repeats):
+        for engine in engines:
+            print(f"[{time.time() - t0:5.0f} s] repetition {rep + 1}/{args.repeats}: {engine}", file=sys.stderr)
+            try:
+                runs[engine].append(bench_server(engine, model, PROMPTS, args.levels, deadline, args.threads, llama))
+            except RuntimeError as err:
+                print(f"  {engine}: {err}", file=sys.stderr)
+                meta.setdefault("server_errors", []).append(f"{engine}: {str(err)[:300]}")
+    level = str(TARGET_CLIENTS if TARGET_CLIENTS in args.levels else args.levels[-1])
+    pooled = {e: {c: pool([r[c] for r in rs if c in r]) for c in map(str, args.levels) if any(c in r for r in rs)}
+              for e, rs in runs.items() if rs}
+    ratios, goals = compare_targets(pooled, level)
+    meta.update(total_s=round(time.time() - t0, 1), load_after=load_before(), same_texts=same_texts(runs, level))
+    report = compare_doc(compare_table(pooled), ratios, goals, meta, args.repeats, level)
+    print(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for rs in runs.values():  # keep per-request tokens, TTFT and errors; drop the long gap lists
+        for r in (lv for run in rs for lv in run.values()):
+            r["per_request"] = [{k: rec[k] for k in ("tokens", "ttft", "error")} for rec in r["per_request"]]
+    (RESULTS / "serving_native.json").write_text(json.dumps(
+        {"meta": meta, "pooled": pooled, "ratios": ratios, "goals": {k: list(v) for k, v in goals.items()},
+         "runs": runs}, indent=1))
+    if pooled:
+        compare_plot(pooled, level, RESULTS / "serving_native.png")
+    if not args.no_docs:
+        from lmforge.benchmark import write_docs_section
+
+        write_docs_section(ROOT / "docs" / "benchmarks.md", "serving-native", report)
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -420,9 +355,19 @@ def wait_for_quiet(max_wait_s: float) -> str:
         time.sleep(30)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """Command-line options (the docstring's Run lines show them in use)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="levels 1 and 4, 8 prompts for the peers")
+    parser.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                        help="comma-separated client counts (default 1,4,16,64; --quick 1,4)")
+    parser.add_argument("--engines", type=lambda v: v.split(","), default=["lmforge", *WORKERS],
+                        help=f"comma-separated, from {', '.join(ENGINES)}; lmforge-fp32 or llama-server "
+                             "selects the native comparison report")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="interleaved repetitions of the server engines (native comparison only)")
+    parser.add_argument("--llama-server", default=None, help="llama-server binary (default: $LLAMA_SERVER, "
+                        "the build cache, PATH)")
     parser.add_argument("--max-minutes", type=float, default=15.0, help="hard cap on the whole run")
     parser.add_argument("--wait-quiet-minutes", type=float, default=0.0,
                         help="first wait up to this long for other bench/bench_* processes to end")
@@ -432,6 +377,15 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--worker"), parser.add_argument("--job"), parser.add_argument("--out")
     args = parser.parse_args()
+    unknown = sorted(set(args.engines) - set(ENGINES))
+    if unknown:
+        parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    args.levels = args.levels or ([1, 4] if args.quick else [1, 4, 16, 64])
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         job = json.loads(Path(args.job).read_text())
         result = WORKERS[args.worker](Path(job["model"]), job["prompts"], job["stop_ids"], job["batch"],
@@ -444,34 +398,45 @@ def main() -> None:
 
     contention = wait_for_quiet(args.wait_quiet_minutes * 60)
     t0 = time.time()
-    deadline = t0 + args.max_minutes * 60
-    levels = [1, 4] if args.quick else [1, 4, 16, 64]
-    n_peer = 8 if args.quick else args.peer_prompts
     model = hub.resolve("smollm2-135m-instruct", pull_missing=True)
     tok = Tokenizer.load(model)
     rendered = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True),
                            add_special_tokens=False) for p in PROMPTS]
-    stop_ids = sorted(tok.stop_ids)
     meta = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()} CPUs, {_cpu_model()}",
             "torch": _version("torch"), "transformers": _version("transformers"),
             "llama_cpp": _version("llama_cpp"), "httpx": _version("httpx"), "load_before": load_before(),
-            "contention": contention, "prompts_total": len(PROMPTS), "peer_prompts": n_peer,
+            "contention": contention, "prompts_total": len(PROMPTS),
             "prompt_tokens": f"{min(map(len, rendered))}-{max(map(len, rendered))}",
-            "max_num_seqs": max(levels), "model": str(model), "threads": args.threads}
+            "max_num_seqs": max(args.levels), "model": str(model), "threads": args.threads,
+            "command": "python bench/bench_serving.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])}
+    if {"lmforge-fp32", "llama-server"} & set(args.engines):
+        run_native_comparison(args, model, meta, t0)
+    else:
+        run_serving(args, model, tok, rendered, meta, t0)
+
+
+def run_serving(args: argparse.Namespace, model: Path, tok, rendered: list[list[int]], meta: dict,
+                t0: float) -> None:
+    """The original report: lmforge serve over the levels vs transformers and llama-cpp-python peers."""
+    deadline = t0 + args.max_minutes * 60
+    n_peer = 8 if args.quick else args.peer_prompts
+    meta["peer_prompts"] = n_peer
     peers, raw = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"model": str(model), "prompts": rendered[:n_peer], "stop_ids": stop_ids,
+        job.write_text(json.dumps({"model": str(model), "prompts": rendered[:n_peer], "stop_ids": sorted(tok.stop_ids),
                                    "batch": 8, "threads": args.threads}))
-        for name in WORKERS:
+        for name in (w for w in WORKERS if w in args.engines):
             print(f"[{time.time() - t0:5.0f} s] {name} on {n_peer} prompts", file=sys.stderr)
             raw[name] = run_peer(name, job, deadline - time.time())
             if raw[name]:
                 peers[name] = summarize(raw[name]["records"], raw[name]["wall_s"])
                 print(f"  {name}: {peers[name]['tok_s']:.1f} tok/s", file=sys.stderr)
-    print(f"[{time.time() - t0:5.0f} s] lmforge serve, levels {levels}", file=sys.stderr)
-    lmforge = bench_lmforge(model, PROMPTS, levels, deadline, args.threads)
-    target_level = lmforge.get(str(TARGET_CLIENTS)) or lmforge.get(str(levels[-1]), {})
+    lmforge = {}
+    if "lmforge" in args.engines:
+        print(f"[{time.time() - t0:5.0f} s] lmforge serve, levels {args.levels}", file=sys.stderr)
+        lmforge = bench_server("lmforge", model, PROMPTS, args.levels, deadline, args.threads)
+    target_level = lmforge.get(str(TARGET_CLIENTS)) or lmforge.get(str(args.levels[-1]), {})
     lm_texts = target_level.get("texts", [])[:n_peer]
     meta["agree_transformers"] = agreement(lm_texts, raw.get("transformers"),
                                            lambda ids: tok.decode(ids, skip_special_tokens=True))
@@ -488,11 +453,8 @@ def main() -> None:
          "peer_texts": {k: [tok.decode(o, skip_special_tokens=True) if isinstance(o, list) else o
                             for o in v["outputs"]] if v else None for k, v in raw.items()}}, indent=1))
     plot(lmforge, peers, RESULTS / "serving_throughput.png")
-    command = "python bench/bench_serving.py" + (" --quick" if args.quick else "") + \
-        (f" --threads {args.threads}" if args.threads != os.cpu_count() else "") + \
-        (f" --peer-prompts {args.peer_prompts}" if args.peer_prompts != 16 and not args.quick else "")
     if not args.no_docs:
-        write_docs(doc_section(table_text, targets, meta, command), command, meta)
+        write_docs(doc_section(table_text, targets, meta, meta["command"]), meta["command"], meta)
 
 
 def _cpu_model() -> str:
@@ -500,6 +462,13 @@ def _cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.machine()
+
+
+def _llama_server_version(binary: Path) -> str:
+    """`llama-server --version`'s version line, e.g. 'version: 1 (abc123)'."""
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version")]
+    return lines[0] if lines else "version unknown"
 
 
 def _version(module: str) -> str:
