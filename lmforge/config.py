@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 NormKind = Literal["rmsnorm", "layernorm"]
 MLPKind = Literal["swiglu", "geglu", "gelu"]
-PositionKind = Literal["rope", "learned"]
-RopeScaling = Literal["none", "linear", "llama3"]
-AttnImpl = Literal["sdpa", "math"]
+PositionKind = Literal["rope", "learned", "alibi", "sinusoidal"]
+RopeScaling = Literal["none", "linear", "llama3", "ntk", "dynamic", "yarn"]
+AttnImpl = Literal["sdpa", "math", "flash"]
 
 
 @dataclass
@@ -42,7 +42,10 @@ class Config:
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 scaling
     rope_high_freq_factor: float = 4.0  # llama3 scaling
-    rope_original_max_position: int = 8192  # llama3 scaling
+    rope_original_max_position: int = 8192  # llama3, dynamic and yarn scaling
+    rope_beta_fast: float = 32.0  # yarn: rotations above which a frequency is kept
+    rope_beta_slow: float = 1.0  # yarn: rotations below which a frequency is interpolated
+    rope_attention_factor: float | None = None  # yarn: logit scale; None -> 0.1 ln(factor) + 1
     bias: bool = False  # biases on every linear (GPT-2)
     qk_norm: bool = False  # RMSNorm on per-head queries and keys (Gemma 3)
     sandwich_norm: bool = False  # extra norms after attention and MLP (Gemma 2/3)
@@ -55,6 +58,17 @@ class Config:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     attn_impl: AttnImpl = "sdpa"
+    # Mixture of Experts (model/moe.py); n_experts == 0 is a dense MLP
+    n_experts: int = 0
+    n_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # None -> intermediate_size
+    shared_expert_intermediate_size: int = 0  # Qwen-MoE: a gated shared expert; 0 -> none
+    norm_topk_prob: bool = True  # Mixtral renormalises the top-k weights, Qwen-MoE does not
+    router_aux_loss_coef: float = 0.0  # load-balancing loss coefficient in the training objective
+    router_z_loss_coef: float = 0.0
+    capacity_factor: float | None = None  # tokens per expert cap = factor * tokens * k / experts; None -> no drop
+    # Sparse attention (model/sparse.py): layer kind -> pattern spec; layer_types names the kinds
+    sparse_patterns: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
