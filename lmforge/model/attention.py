@@ -1,8 +1,8 @@
 """Causal self-attention: multi-head, multi-query and grouped-query, over a KV cache.
 
 One module covers MHA (n_kv_head == n_head), GQA (1 < n_kv_head < n_head) and MQA
-(n_kv_head == 1). The score computation is either torch SDPA or plain math; tests hold
-them equal.
+(n_kv_head == 1). The score computation is torch SDPA, plain math or the tiled flash
+algorithm (model/flash.py); tests hold them equal.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config
+from lmforge.model import flash
 from lmforge.model.linear import Linear
 from lmforge.model.norm import RMSNorm
 from lmforge.model.rope import apply_rope
@@ -63,6 +64,7 @@ class Attention(nn.Module):
         self.scale = config.attn_scale
         self.softcap = config.attn_logit_softcap
         self.use_math = config.attn_impl == "math" or self.softcap is not None
+        self.use_flash = config.attn_impl == "flash"
         self.use_rope = config.position == "rope"
         q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         self.q_proj = Linear(config.n_embd, q_dim, bias=config.bias)
@@ -95,6 +97,10 @@ class Attention(nn.Module):
         """Attention output for queries over keys/values already gathered, by the configured method."""
         if self.use_math:
             return math_attention(q, k, v, mask, is_causal, self.scale, self.softcap)
+        if self.use_flash:  # masks other than causal + key validity fall back to SDPA
+            out = flash.attend(q, k, v, mask, is_causal, self.scale)
+            if out is not None:
+                return out
         return sdpa_attention(q, k, v, mask, is_causal, self.scale)
 
 
