@@ -129,6 +129,9 @@ class ModelRunner:
     """Turns a scheduled Batch into logits for the sequences that sample this step."""
 
     def __init__(self, model, cache: PagedKVCache) -> None:
+        if model.config.position == "alibi":
+            raise ValueError("the serving engine's paged attention has no ALiBi bias yet; run ALiBi models with "
+                             "`lmforge generate` or `lmforge chat` (static cache), or serve a RoPE model")
         self.model, self.cache, self.bs = model, cache, cache.block_size
         self.device = next(model.parameters()).device
 
