@@ -12,6 +12,10 @@ MLPKind = Literal["swiglu", "geglu", "gelu"]
 PositionKind = Literal["rope", "learned", "alibi", "sinusoidal"]
 RopeScaling = Literal["none", "linear", "llama3", "ntk", "dynamic", "yarn"]
 AttnImpl = Literal["sdpa", "math", "flash"]
+BUILTIN_KINDS = {"global", "sliding"}  # layer kinds that need no sparse pattern
+# sparse pattern keys -> smallest value; the first five are the pattern's components (model/masks.py)
+SPARSE_PATTERN_KEYS = {"window": 0, "stride": 0, "block": 0, "global_tokens": 0, "random_blocks": 0,
+                       "dilation": 1, "random_block_size": 1, "seed": 0}
 
 
 @dataclass
@@ -89,6 +93,25 @@ class Config:
                               ("rope_scaling", RopeScaling), ("attn_impl", AttnImpl)):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed.__args__}")
+        self._check_sparse()
+
+    def _check_sparse(self) -> None:
+        """Sparse attention: every layer kind is known, every pattern well formed, inside the context and
+        leaving each query a key (model/masks.py defines the rules)."""
+        unknown = sorted(set(self.layer_types) - BUILTIN_KINDS - set(self.sparse_patterns))
+        if unknown:
+            raise ValueError(f"layer_types names kinds {unknown} that are neither {sorted(BUILTIN_KINDS)} nor keys of "
+                             f"sparse_patterns {sorted(self.sparse_patterns)}; add their patterns or rename them")
+        for kind, spec in self.sparse_patterns.items():
+            _check_pattern(f"sparse_patterns[{kind!r}]", spec, self.block_size)
+            if kind in BUILTIN_KINDS:
+                raise ValueError(f"sparse_patterns[{kind!r}]: {kind!r} is a built-in layer kind; name the pattern otherwise")
+            if kind not in self.layer_types:
+                raise ValueError(f"sparse_patterns[{kind!r}] is used by no layer; name it in layer_types "
+                                 "(lmforge.model.masks.layer_schedule builds them) or drop it")
+        if self.sparse_patterns and self.position == "alibi":
+            raise ValueError("sparse_patterns with position='alibi': the block-sparse kernel adds no ALiBi bias; "
+                             "use position='rope' (or another) with sparse layers")
 
     def _layer_type(self, i: int) -> str:
         if self.sliding_window and self.sliding_window_pattern:
@@ -119,6 +142,32 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+
+def _check_pattern(where: str, spec: dict[str, Any], block_size: int) -> None:
+    """One sparse pattern spec: known integer keys, spans inside the context, at least one component."""
+    unknown = sorted(set(spec) - set(SPARSE_PATTERN_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; the keys are {sorted(SPARSE_PATTERN_KEYS)}")
+    for key, value in spec.items():
+        if type(value) is not int or value < SPARSE_PATTERN_KEYS[key]:
+            raise ValueError(f"{where}[{key!r}]={value!r} must be an int >= {SPARSE_PATTERN_KEYS[key]}")
+    if "dilation" in spec and not spec.get("window"):
+        raise ValueError(f"{where} sets dilation without window; dilation spaces the window's keys, so set window")
+    if ("random_block_size" in spec or "seed" in spec) and not spec.get("random_blocks"):
+        raise ValueError(f"{where} sets random_block_size or seed without random_blocks; set random_blocks >= 1")
+    spans = {"window": spec.get("window", 0) * spec.get("dilation", 1), "stride": spec.get("stride", 0),
+             "block": spec.get("block", 0), "global_tokens": spec.get("global_tokens", 0),
+             "random_block_size": spec.get("random_block_size", 0)}
+    for key, span in spans.items():
+        if span > block_size:
+            raise ValueError(f"{where}[{key!r}] spans {span} positions, more than the context block_size="
+                             f"{block_size}; make it at most {block_size}, or use full attention ('global') there")
+    components = list(SPARSE_PATTERN_KEYS)[:5]
+    if not any(spec.get(key) for key in components):
+        # each component, once on, shows every query its own position or token 0, so none is left without a key
+        raise ValueError(f"{where}={spec} leaves every query with no key; set at least one of {components} >= 1")
 
 
 LLAMA_STYLE = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False)

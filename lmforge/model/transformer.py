@@ -18,6 +18,7 @@ from lmforge.model.masks import attention_mask
 from lmforge.model.mlp import build_mlp
 from lmforge.model.norm import build_norm
 from lmforge.model.rope import rope_cache
+from lmforge.model.sparse import sparse_context
 
 
 class Block(nn.Module):
@@ -154,6 +155,8 @@ class Transformer(nn.Module):
         """Rope tables and the cheapest correct mask for one layer kind in this forward."""
         window = self.window(kind)
         rope = self.rope_at(kind, positions)
+        if kind in self.config.sparse_patterns:  # block-sparse over the pattern's tiles (model/sparse.py)
+            return sparse_context(self.config.sparse_patterns[kind], rope, positions, valid, cache, start)
         end = start + T
         padded = valid is not None and not bool(valid.all())
         if cache is not None:

@@ -132,6 +132,11 @@ class ModelRunner:
         if model.config.position == "alibi":
             raise ValueError("the serving engine's paged attention has no ALiBi bias yet; run ALiBi models with "
                              "`lmforge generate` or `lmforge chat` (static cache), or serve a RoPE model")
+        if model.config.sparse_patterns:
+            raise ValueError("the serving engine's paged attention knows only full and sliding-window layers, not "
+                             f"sparse_patterns {sorted(model.config.sparse_patterns)}; run sparse models with "
+                             "`lmforge generate` or `lmforge chat` (static cache)")
+        self.model, self.cache, self.bs = model, cache, cache.block_size
         self.model, self.cache, self.bs = model, cache, cache.block_size
         self.device = next(model.parameters()).device
 

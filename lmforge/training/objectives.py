@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.model.attention import AttentionContext
 from lmforge.model.masks import attention_mask
+from lmforge.model.sparse import sparse_context
 from lmforge.training.data import IGNORE_INDEX
 
 Objective = Callable[[nn.Module, dict], torch.Tensor]
@@ -28,6 +29,9 @@ def _contexts(model, positions: torch.Tensor, seq_ids: torch.Tensor | None) -> d
     out = {}
     for kind in set(model.config.layer_types):
         rope = model.rope_at(kind, positions)
+        if kind in model.config.sparse_patterns:  # block-sparse, inside each packed example
+            out[kind] = sparse_context(model.config.sparse_patterns[kind], rope, positions, None, seq_ids=seq_ids)
+            continue
         window = model.window(kind)
         if seq_ids is None and (window is None or T <= window):
             out[kind] = AttentionContext(rope, None, True, None, 0, 0)
