@@ -129,15 +129,12 @@ class ModelRunner:
     """Turns a scheduled Batch into logits for the sequences that sample this step."""
 
     def __init__(self, model, cache: PagedKVCache) -> None:
-        if model.config.position == "alibi":
-            raise ValueError("the serving engine's paged attention has no ALiBi bias yet; run ALiBi models with "
-                             "`lmforge generate` or `lmforge chat` (static cache), or serve a RoPE model")
         if model.config.sparse_patterns:
             raise ValueError("the serving engine's paged attention knows only full and sliding-window layers, not "
                              f"sparse_patterns {sorted(model.config.sparse_patterns)}; run sparse models with "
                              "`lmforge generate` or `lmforge chat` (static cache)")
         self.model, self.cache, self.bs = model, cache, cache.block_size
-        self.model, self.cache, self.bs = model, cache, cache.block_size
+        self.alibi = model.config.position == "alibi"  # masks become per-head additive biases
         self.device = next(model.parameters()).device
 
     def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -168,6 +165,8 @@ class ModelRunner:
         positions = (lo[:, None] + torch.arange(length)[None]).masked_fill(~valid, 0)
         slots = self._slots(layout.tables[d], positions).masked_fill(~valid, 0)
         mask = None if bool(valid.all()) else valid[:, None, None, :]
+        if self.alibi:  # (Bd, n_head, 1, L)
+            mask = self.model.alibi(ends[:, None] - 1, positions, valid[:, None, None, :]).to(self.device)
         return slots.view(-1), length, lens, mask
 
     def _prefill_plan(self, layout: StepLayout, i: int, window: int | None) -> Prefill:
@@ -177,8 +176,11 @@ class ModelRunner:
         lo = max(0, end - window - n + 1) if window else 0  # keys a sliding window can still see
         k_pos = torch.arange(lo, end)
         slots = self._slots(layout.tables[i:i + 1], k_pos[None])[0]
-        fresh = start == 0 and (window is None or end <= window)
-        mask = None if fresh else attention_mask(torch.arange(start, end)[None], k_pos[None], None, window)
+        fresh = start == 0 and (window is None or end <= window) and not self.alibi
+        q_pos = torch.arange(start, end)[None]
+        mask = None if fresh else attention_mask(q_pos, k_pos[None], None, window)
+        if self.alibi:  # (1, n_head, n, S)
+            mask = self.model.alibi(q_pos, k_pos[None], mask)
         dev = self.device
         return Prefill(layout.offsets[i], layout.offsets[i] + n, slots.to(dev),
                        None if mask is None else mask.to(dev), fresh)

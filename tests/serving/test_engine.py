@@ -12,7 +12,7 @@ from lmforge.generation import fused_decode
 from lmforge.generation.generate import generate_ids
 from lmforge.generation.sampling import SamplingParams
 from lmforge.kernels import gemv
-from lmforge.model.transformer import build_model
+from lmforge.model.transformer import build_model, init_weights
 from lmforge.quantization.quantize import QuantConfig, quantize_model
 from lmforge.serving.engine import Engine, EngineConfig
 
@@ -307,3 +307,15 @@ def test_async_engine_lets_a_new_request_in_while_another_runs():
     finally:
         engine.shutdown(timeout=5)
     assert first_still_running, "the second request waited for the first one to finish"
+
+
+@pytest.mark.parametrize("name", ["tiny-alibi", "tiny-sinusoidal"])
+def test_engine_equals_generate_for_alibi_and_sinusoidal_positions(name):
+    """ALiBi's bias follows each sequence's own positions over its paged keys, in decode and prefill chunks."""
+    torch.manual_seed(0)
+    model = build_model(Config.from_name(name)).eval()
+    init_weights(model, std=0.1)  # large enough that positions decide the greedy tokens
+    prompts = _prompts(5, seed=3, shared_prefix=list(range(1, 20)))
+    engine = Engine(model, ByteTokenizer(), EngineConfig(block_size=8, num_blocks=256, max_num_batched_tokens=24))
+    assert _run_with_arrivals(engine, prompts, 16) == _alone(model, prompts, 16)
+    assert engine.blocks.num_used == 0
