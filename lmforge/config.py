@@ -71,6 +71,9 @@ class Config:
     router_aux_loss_coef: float = 0.0  # load-balancing loss coefficient in the training objective
     router_z_loss_coef: float = 0.0
     capacity_factor: float | None = None  # tokens per expert cap = factor * tokens * k / experts; None -> no drop
+    moe_step: int = 1  # every moe_step-th layer is MoE, the others dense (Qwen-MoE decoder_sparse_step)
+    dense_layers: list[int] = field(default_factory=list)  # layers kept dense (Qwen-MoE mlp_only_layers)
+    qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None -> `bias`
     # Sparse attention (model/sparse.py): layer kind -> pattern spec; layer_types names the kinds
     sparse_patterns: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -93,7 +96,38 @@ class Config:
                               ("rope_scaling", RopeScaling), ("attn_impl", AttnImpl)):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed.__args__}")
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        self._check_moe()
         self._check_sparse()
+
+    def _check_moe(self) -> None:
+        """Mixture-of-Experts fields: derive the expert width, refuse what the router cannot do."""
+        if self.n_experts < 0:
+            raise ValueError(f"n_experts={self.n_experts} must be >= 0 (0 is a dense MLP)")
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if not self.n_experts:
+            return
+        if not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise ValueError(f"n_experts_per_tok={self.n_experts_per_tok} must be between 1 and n_experts="
+                             f"{self.n_experts}: top-k picks k distinct experts per token")
+        if self.mlp != "swiglu":
+            raise ValueError(f"mlp={self.mlp!r}: experts are SwiGLU (Mixtral, Qwen-MoE); set mlp='swiglu'")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0, or None for no token dropping")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "shared_expert_intermediate_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.moe_step < 1:
+            raise ValueError(f"moe_step={self.moe_step} must be >= 1 (1: every layer is MoE)")
+        outside = [i for i in self.dense_layers if not 0 <= i < self.n_layer]
+        if outside:
+            raise ValueError(f"dense_layers {outside} are not layers of a {self.n_layer}-layer model")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i routes to experts (Qwen2-MoE's rule: every moe_step-th, not in dense_layers)."""
+        return self.n_experts > 0 and (i + 1) % self.moe_step == 0 and i not in self.dense_layers
 
     def _check_sparse(self) -> None:
         """Sparse attention: every layer kind is known, every pattern well formed, inside the context and
@@ -177,6 +211,11 @@ GEMMA3_STYLE = dict(
     sandwich_norm=True, embedding_scale=True, sliding_window_pattern=6, rope_local_theta=10000.0,
 )
 
+# Mixture of Experts: Mixtral renormalises its top-k weights; Qwen-MoE does not, adds a gated
+# shared expert and biases on q/k/v (model/moe.py)
+MIXTRAL_STYLE = dict(LLAMA_STYLE, tie_embeddings=False, rope_theta=1e6, norm_topk_prob=True)
+QWEN_MOE_STYLE = dict(LLAMA_STYLE, tie_embeddings=False, rope_theta=1e6, norm_topk_prob=False, qkv_bias=True)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(LLAMA_STYLE, vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
                        intermediate_size=128, block_size=256),
@@ -192,4 +231,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gemma3-270m": dict(GEMMA3_STYLE, vocab_size=262144, n_layer=18, n_embd=640, n_head=4, n_kv_head=1,
                         head_dim=256, intermediate_size=2048, block_size=32768, rope_theta=1e6,
                         norm_eps=1e-6, sliding_window=512, query_pre_attn_scalar=256),
+    "tiny-mixtral": dict(MIXTRAL_STYLE, vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                         intermediate_size=128, block_size=256, n_experts=4, n_experts_per_tok=2,
+                         router_aux_loss_coef=0.01),  # Switch Transformer's alpha = 1e-2
+    "tiny-qwen-moe": dict(QWEN_MOE_STYLE, vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=4,
+                          intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=128,
+                          block_size=256, n_experts=8, n_experts_per_tok=2, router_aux_loss_coef=0.01),
+    # mistralai/Mixtral-8x7B-v0.1 (46.7B parameters, 12.9B active per token)
+    "mixtral-8x7b": dict(MIXTRAL_STYLE, vocab_size=32000, n_layer=32, n_embd=4096, n_head=32, n_kv_head=8,
+                         intermediate_size=14336, block_size=32768, norm_eps=1e-5, n_experts=8,
+                         n_experts_per_tok=2, router_aux_loss_coef=0.02),
+    # Qwen/Qwen1.5-MoE-A2.7B (14.3B parameters, 2.7B active per token)
+    "qwen1.5-moe-a2.7b": dict(QWEN_MOE_STYLE, vocab_size=151936, n_layer=24, n_embd=2048, n_head=16,
+                              n_kv_head=16, intermediate_size=5632, moe_intermediate_size=1408,
+                              shared_expert_intermediate_size=5632, block_size=8192, norm_eps=1e-6,
+                              n_experts=60, n_experts_per_tok=4, router_aux_loss_coef=0.001),
 }

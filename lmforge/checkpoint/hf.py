@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.atomic import atomic_write, atomic_write_text
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.gguf_blocks import float_state_dict
+from lmforge.checkpoint.hf_moe import MOE_TYPES, hf_moe_fields, moe_fields, stack_experts, unstack_experts
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
 
 LLAMA_TYPES = ("llama", "mistral")
@@ -85,12 +86,12 @@ def config_from_hf(path: str | Path) -> Config:
                                  n_embd=cfg["n_embd"], n_head=cfg["n_head"], block_size=cfg["n_positions"],
                                  intermediate_size=cfg.get("n_inner") or 4 * cfg["n_embd"],
                                  norm_eps=cfg.get("layer_norm_epsilon", 1e-5), tie_embeddings=True))
-        if kind in LLAMA_TYPES + GEMMA3_TYPES:
+        if kind in LLAMA_TYPES + GEMMA3_TYPES + MOE_TYPES:
             return _llama_like(cfg, kind, path.name)
     except KeyError as err:
         raise CheckpointError(f"{path / 'config.json'} lacks the key {err}") from None
     raise CheckpointError(f"model_type {kind!r} is not supported; lmforge reads "
-                          f"{list(LLAMA_TYPES + GEMMA3_TYPES + GPT2_TYPES)}")
+                          f"{list(LLAMA_TYPES + GEMMA3_TYPES + GPT2_TYPES + MOE_TYPES)}")
 
 
 def _llama_like(cfg: dict[str, Any], kind: str, name: str) -> Config:
@@ -116,6 +117,8 @@ def _llama_like(cfg: dict[str, Any], kind: str, name: str) -> Config:
             kwargs["layer_types"] = ["sliding" if t == "sliding_attention" else "global" for t in cfg["layer_types"]]
     elif cfg.get("sliding_window"):
         kwargs.update(sliding_window=cfg["sliding_window"], sliding_window_pattern=0)
+    if kind in MOE_TYPES:
+        kwargs.update(moe_fields(cfg, kind))
     return Config(**kwargs)
 
 
@@ -142,6 +145,8 @@ def read_hf_state(path: str | Path, config: Config) -> dict[str, torch.Tensor]:
     raw = {k.removeprefix("language_model."): v.float() for k, v in raw.items()}
     if config.position == "learned":  # GPT-2
         return _from_gpt2(raw, config)
+    if config.n_experts:  # Mixtral, Qwen2-MoE: per-expert hub tensors stacked
+        return stack_experts(raw, config)
     return raw
 
 
@@ -167,7 +172,8 @@ def _from_gpt2(raw: dict[str, torch.Tensor], config: Config) -> dict[str, torch.
 
 
 def save_hf(model, path: str | Path) -> Path:
-    """Write a LLaMA-style or Gemma 3 model as config.json + model.safetensors (atomically)."""
+    """Write a LLaMA-style, Gemma 3, Mixtral or Qwen2-MoE model as config.json + model.safetensors
+    (atomically)."""
     path = Path(path)
     config: Config = model.config
     if config.position != "rope":
@@ -178,6 +184,8 @@ def save_hf(model, path: str | Path) -> Path:
     if extra:
         raise ValueError(f"the model has tensors a plain {config.name} checkpoint does not ({extra[:3]}): merge "
                          f"adapters (LoRA) first; a quantized model is exported from its float source")
+    if config.n_experts:  # the hub's per-expert layout, which every transformers version reads
+        state = unstack_experts(state, config)
     path.mkdir(parents=True, exist_ok=True)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -228,4 +236,6 @@ def hf_config(config: Config) -> dict[str, Any]:
                    rope_local_base_freq=config.rope_local_theta, hidden_activation="gelu_pytorch_tanh",
                    layer_types=["sliding_attention" if t == "sliding" else "full_attention"
                                 for t in config.layer_types])
+    if config.n_experts:
+        cfg.update(hf_moe_fields(config))
     return cfg

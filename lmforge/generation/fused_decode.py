@@ -34,11 +34,12 @@ NORMS = (("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_a
 
 
 def supported_architecture(config) -> bool:
-    """Whether decode.cpp implements this block: RMSNorm, RoPE, SwiGLU/GeGLU, no attention softcap, no
-    sparse attention patterns (its layers know only full and sliding-window attention)."""
+    """Whether decode.cpp implements this block: RMSNorm, RoPE, SwiGLU/GeGLU, no attention softcap,
+    a dense MLP (MoE models decode through the PyTorch forward), no sparse attention patterns (its
+    layers know only full and sliding-window attention)."""
     return (config.norm == "rmsnorm" and config.position == "rope" and config.mlp in ("swiglu", "geglu")
             and config.attn_logit_softcap is None and config.n_head % config.n_kv_head == 0
-            and not config.sparse_patterns)
+            and not config.n_experts and not config.sparse_patterns)
 
 
 def _fp32_cpu(t: torch.Tensor) -> bool:

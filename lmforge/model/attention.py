@@ -67,9 +67,9 @@ class Attention(nn.Module):
         self.use_flash = config.attn_impl == "flash"
         self.use_rope = config.position == "rope"
         q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-        self.q_proj = Linear(config.n_embd, q_dim, bias=config.bias)
-        self.k_proj = Linear(config.n_embd, kv_dim, bias=config.bias)
-        self.v_proj = Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.q_proj = Linear(config.n_embd, q_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
         self.o_proj = Linear(q_dim, config.n_embd, bias=config.bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_unit_offset)

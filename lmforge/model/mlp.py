@@ -16,11 +16,12 @@ class GatedMLP(nn.Module):
     Shazeer 2020, "GLU Variants Improve Transformer", https://arxiv.org/abs/2002.05202
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        width = intermediate_size or config.intermediate_size  # a MoE's shared expert has its own width
+        self.gate_proj = Linear(config.n_embd, width, bias=config.bias)
+        self.up_proj = Linear(config.n_embd, width, bias=config.bias)
+        self.down_proj = Linear(width, config.n_embd, bias=config.bias)
         self.geglu = config.mlp == "geglu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from lmforge.model.attention import Attention, AttentionContext, KVContext
 from lmforge.model.linear import Linear
 from lmforge.model.masks import attention_mask
 from lmforge.model.mlp import build_mlp
+from lmforge.model.moe import Experts, MoE
 from lmforge.model.norm import build_norm
 from lmforge.model.rope import rope_cache
 from lmforge.model.sparse import sparse_context
@@ -30,7 +31,7 @@ class Block(nn.Module):
         self.input_layernorm = build_norm(config)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = build_norm(config)
-        self.mlp = build_mlp(config)
+        self.mlp = MoE(config, layer_idx) if config.is_moe_layer(layer_idx) else build_mlp(config)
         self.sandwich = config.sandwich_norm
         if self.sandwich:
             self.pre_feedforward_layernorm = build_norm(config)
@@ -218,3 +219,6 @@ def init_weights(model: Transformer, std: float = 0.02) -> None:
             nn.init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, Experts):  # stacked expert weights, initialised as the linears they stack
+            nn.init.normal_(module.gate_up_proj, std=std)
+            nn.init.normal_(module.down_proj, std=std)

@@ -133,7 +133,8 @@ def pack(examples: list[Example], max_length: int) -> list[list[Example]]:
 
 
 def collate(rows: list[list[Example]], pad_id: int) -> dict:
-    """Right-padded (B, T) input_ids, labels, positions (restart per packed example), seq_ids."""
+    """Right-padded (B, T) input_ids, labels, positions (restart per packed example), seq_ids; `valid`
+    (False at padding) when a row is padded."""
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     B = len(rows)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
@@ -153,6 +154,8 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict:
              "num_tokens": sum(len(e.input_ids) for row in rows for e in row)}
     if any(len(row) > 1 for row in rows):
         batch["seq_ids"] = seq_ids  # packed: attention stays inside each example
+    if bool((seq_ids < 0).any()):
+        batch["valid"] = seq_ids >= 0  # padded: MoE balancing statistics skip the padding
     return batch
 
 

@@ -7,6 +7,7 @@ whole optimizer step (`batch["loss_tokens"]`), which makes gradient accumulation
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.model.attention import AttentionContext
 from lmforge.model.masks import attention_mask
+from lmforge.model.moe import load_balancing_loss, recomputation, router_z_loss, take_router_logits
 from lmforge.model.sparse import sparse_context
 from lmforge.training.data import IGNORE_INDEX
 
@@ -50,10 +52,32 @@ def hidden_states(model, batch: dict) -> torch.Tensor:
     contexts = _contexts(model, positions, batch.get("seq_ids"))
     x = model.embed(ids, positions)
     use_ckpt = getattr(model, "gradient_checkpointing", False) and torch.is_grad_enabled()
+    moe = {"context_fn": _moe_contexts} if model.config.n_experts else {}
     for layer in model.model.layers:
         ctx = contexts[layer.layer_type]
-        x = checkpoint(layer, x, ctx, use_reentrant=False) if use_ckpt else layer(x, ctx)
+        x = checkpoint(layer, x, ctx, use_reentrant=False, **moe) if use_ckpt else layer(x, ctx)
     return model.model.norm(x)
+
+
+def _moe_contexts():
+    """checkpoint's (forward, recompute) contexts: MoE layers record routing in the forward only."""
+    return nullcontext(), recomputation()
+
+
+def router_loss(model, batch: dict, label_tokens: int) -> torch.Tensor | float:
+    """aux_coef * load-balancing loss + z_coef * z-loss of the last forward's router logits (MoE),
+    weighted by this micro-batch's share of the step's label tokens; 0 in eval mode, so held-out
+    losses stay plain next-token losses."""
+    logits, cfg = take_router_logits(model), model.config
+    if not (model.training and logits and (cfg.router_aux_loss_coef or cfg.router_z_loss_coef)):
+        return 0.0
+    valid = batch.get("valid")  # (B, T), False at padding
+    loss = 0.0
+    if cfg.router_aux_loss_coef:
+        loss = cfg.router_aux_loss_coef * load_balancing_loss(logits, cfg.n_experts, cfg.n_experts_per_tok, valid)
+    if cfg.router_z_loss_coef:
+        loss = loss + cfg.router_z_loss_coef * router_z_loss(logits, valid)
+    return loss * (label_tokens / batch.get("loss_tokens", max(1, label_tokens)))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -106,7 +130,10 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     total = token_losses(model, hidden[keep], labels[keep])
-    return total / batch.get("loss_tokens", max(1, int(keep.sum())))
+    loss = total / batch.get("loss_tokens", max(1, int(keep.sum())))
+    if model.config.n_experts:
+        loss = loss + router_loss(model, batch, int(keep.sum()))
+    return loss
 
 
 def pretrain_loss(model, batch: dict) -> torch.Tensor:

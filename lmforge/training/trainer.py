@@ -3,8 +3,9 @@
 Setup, loop, save, cleanup, top to bottom. Each optimizer step takes `grad_accum`
 micro-batches whose losses are normalised by the step's total label tokens (so 4 x 1 equals
 1 x 4), clips the gradient norm, steps AdamW or 8-bit AdamW at the scheduled lr, logs
-metrics, evaluates every `eval_every` steps and checkpoints atomically. Resume restores the
-trained tensors, optimizer, RNG and data position: the loss curve continues bit for bit.
+metrics (MoE models: each layer's expert usage too, plotted as expert_load.png), evaluates
+every `eval_every` steps and checkpoints atomically. Resume restores the trained tensors,
+optimizer, RNG and data position: the loss curve continues bit for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lmforge.model.moe import dropped_fraction, expert_usage, reset_usage
 from lmforge.training.checkpoints import (average_checkpoints, latest_checkpoint, read_index, restore_rng,
                                           rng_tensors, save_checkpoint)
 from lmforge.training.data import Batches
@@ -183,6 +185,9 @@ def train(model: nn.Module, objective: Objective, data: Batches, cfg: TrainConfi
 def _train_step(model, objective, data: Batches, opt, params, cfg: TrainConfig, step: int, device, amp) -> dict:
     """One optimizer step over `grad_accum` micro-batches; returns its metrics row."""
     t0 = time.perf_counter()
+    moe = bool(getattr(getattr(model, "config", None), "n_experts", 0))
+    if moe:
+        reset_usage(model)  # count this step's forwards only, not the last evaluation's
     micro = [data.next() for _ in range(cfg.grad_accum)]
     loss_tokens = sum(count_loss_tokens(b) for b in micro)
     lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.decay, cfg.min_lr_ratio)
@@ -200,8 +205,19 @@ def _train_step(model, objective, data: Batches, opt, params, cfg: TrainConfig, 
     opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
     tokens = sum(int(b["num_tokens"]) for b in micro)  # real tokens, padding not counted
-    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-            "loss_tokens": loss_tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
+    row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+           "loss_tokens": loss_tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
+    return {**row, **_expert_metrics(model)} if moe else row
+
+
+def _expert_metrics(model) -> dict:
+    """MoE: per layer the fraction of this step's token assignments each expert got, and the share
+    the capacity dropped (when a capacity factor is set)."""
+    row = {"expert_usage": {layer: [round(f, 5) for f in fractions]
+                            for layer, fractions in expert_usage(model).items()}}
+    if model.config.capacity_factor is not None:
+        row["expert_dropped"] = dropped_fraction(model)
+    return row
 
 
 def _resume(root: Path, params, names, opt, data: Batches) -> int:
@@ -250,7 +266,10 @@ def _finish(out_dir: Path, ckpt_root: Path, cfg: TrainConfig, eval_loss: float |
         paths = [ckpt_root / h for h in index.get("history", [])][-cfg.average_last:]
         summary["averaged"] = average_checkpoints(paths)
         summary["averaged_from"] = [str(p) for p in paths]
-    from lmforge.training.plot import plot_metrics
+    from lmforge.training.plot import plot_expert_load, plot_metrics, read_metrics
 
     summary["plot"] = plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    expert_plot = plot_expert_load({"": read_metrics(out_dir / "metrics.jsonl")}, out_dir / "expert_load.png")
+    if expert_plot:
+        summary["expert_plot"] = expert_plot
     return summary
