@@ -154,6 +154,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _warps(block_m: int, block_n: int) -> int:
+    """Warps per program: 8 for 128-row tiles (as Triton's tutorial configs), 4 below."""
+    return 8 if max(block_m, block_n) >= 128 else 4
+
+
 def _launch_args(q: torch.Tensor, k: torch.Tensor, has_valid: bool, causal: bool) -> tuple[tuple, dict]:
     """Runtime arguments (T, S, OFFSET, H, G, strides) and constexprs shared by the three kernels."""
     B, H, T, D = q.shape
@@ -179,7 +184,7 @@ class FlashAttentionTriton(torch.autograd.Function):
         scalars, meta = _launch_args(q, k, has_valid, causal)
         bm, bn = fwd_blocks
         _fwd_kernel[(triton.cdiv(T, bm), B * H)](q, k, v, out, lse, valid, scale * LOG2E, *scalars,
-                                                  BLOCK_M=bm, BLOCK_N=bn, **meta)
+                                                  BLOCK_M=bm, BLOCK_N=bn, num_warps=_warps(bm, bn), **meta)
         ctx.save_for_backward(q, k, v, out, lse, valid)
         ctx.causal, ctx.scale, ctx.has_valid, ctx.bwd_blocks = causal, scale, has_valid, bwd_blocks
         return out
@@ -195,9 +200,11 @@ class FlashAttentionTriton(torch.autograd.Function):
         bm, bn = ctx.bwd_blocks
         scales = (ctx.scale * LOG2E, ctx.scale)
         _bwd_dkdv_kernel[(triton.cdiv(k.shape[2], bn), B * k.shape[1])](
-            q, k, v, d_out, lse, delta, dk, dv, valid, *scales, *scalars, BLOCK_M=bm, BLOCK_N=bn, **meta)
+            q, k, v, d_out, lse, delta, dk, dv, valid, *scales, *scalars, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=_warps(bm, bn), **meta)
         _bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
-            q, k, v, d_out, lse, delta, dq, valid, *scales, *scalars, BLOCK_M=bm, BLOCK_N=bn, **meta)
+            q, k, v, d_out, lse, delta, dq, valid, *scales, *scalars, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=_warps(bm, bn), **meta)
         return dq, dk, dv, None, None, None, None, None
 
 

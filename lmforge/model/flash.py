@@ -220,20 +220,23 @@ class _FlashAttention(torch.autograd.Function):
 # --- the model's entry: a context's (mask, is_causal) as causal + key validity ----------------
 
 def split_mask(mask: torch.Tensor) -> tuple[bool, torch.Tensor | None] | None:
-    """(causal, key_valid) when a bool mask (B, 1, T, S) is exactly causal-and/or-key-validity, else None.
+    """(causal, key_valid) when a self-attention bool mask (B, 1, T, S) is causal and/or key validity, else None.
 
-    Causal is bottom-right aligned (query t sees keys j <= t + S - T), as after a KV cache.
+    Causal is bottom-right aligned (query t sees keys j <= t + S - T, its own slot after a KV cache).
+    Rows of padding queries (whose own key slot is not valid) are not compared: no real query sees
+    them, so what they attend to never reaches a real token (left padding gives them other rows).
     """
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] > mask.shape[3]:
         return None
     rows = mask[:, 0]  # (B, T, S)
     T, S = rows.shape[1:]
-    last = rows[:, -1]  # (B, S): the last query sees every valid key under either rule
+    key_valid = rows.any(1)  # (B, S): a real key is seen by the last real query under either rule
+    real_query = key_valid[:, S - T:, None]  # (B, T, 1)
     tril = torch.ones(T, S, dtype=torch.bool, device=mask.device).tril(S - T)
     for causal in (True, False):
-        expected = last[:, None, :] & tril if causal else last[:, None, :].expand_as(rows)
-        if torch.equal(rows, expected):
-            return causal, None if bool(last.all()) else last
+        expected = key_valid[:, None, :] & tril if causal else key_valid[:, None, :]
+        if bool(((rows == expected) | ~real_query).all()):
+            return causal, None if bool(key_valid.all()) else key_valid
     return None
 
 

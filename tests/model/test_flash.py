@@ -130,7 +130,7 @@ def test_bad_shapes_are_clear_errors():
 # --- the model: attn_impl="flash" ---------------------------------------------------------------
 
 def test_split_mask_reads_causal_and_key_validity():
-    from lmforge.model.masks import attention_mask
+    from lmforge.model.masks import attention_mask, positions_from_padding
 
     pos = torch.arange(10).expand(2, 10)
     valid = torch.ones(2, 10, dtype=torch.bool)
@@ -139,6 +139,13 @@ def test_split_mask_reads_causal_and_key_validity():
     causal, keys = split_mask(attention_mask(pos[:, 6:], pos, valid))  # T=4 queries after a cache of 6
     assert causal and torch.equal(keys, valid)
     assert split_mask(attention_mask(pos, pos, None, window=3)) is None  # sliding window
+    left = torch.ones(2, 10, dtype=torch.bool)
+    left[0, :3] = False  # left padding, positions counting real tokens: pad queries see key 3
+    lpos = positions_from_padding(left)
+    causal, keys = split_mask(attention_mask(lpos, lpos, left))
+    assert causal and torch.equal(keys, left)
+    packed = attention_mask(pos, pos, None) & (pos[:, :, None] // 5 == pos[:, None, :] // 5)[:, None]
+    assert split_mask(packed) is None  # two packed examples: a real query's row is not causal
     causal, keys = split_mask(valid[:, None, None, :].expand(2, 1, 5, 10))  # padding only, no causality
     assert not causal and torch.equal(keys, valid)
     assert split_mask(torch.zeros(2, 1, 4, 10)) is None  # a float bias (ALiBi) is not a bool mask
@@ -190,6 +197,18 @@ def test_model_padding_and_cache_run_flash(flash_calls):
         a, b = ref(chunk, cache=caches[0]), got(chunk, cache=caches[1])
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert flash_calls and flash_calls[-1]["causal"]  # the 12-token chunk over 30 cached keys
+
+
+def test_left_padded_batch_generates_as_sdpa(flash_calls):
+    """Batched generation left-pads prompts of different lengths; its prefill runs flash."""
+    from lmforge.generation.generate import generate_ids
+    from lmforge.generation.sampling import SamplingParams
+
+    ref, got = _pair("tiny-llama")
+    prompts = [[5, 6, 7], list(range(20, 37))]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    assert generate_ids(got, prompts, params) == generate_ids(ref, prompts, params)
+    assert any(call["key_valid"] is not None for call in flash_calls)
 
 
 def test_sliding_window_layers_fall_back_to_sdpa(flash_calls):
