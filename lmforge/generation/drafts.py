@@ -143,16 +143,17 @@ class ModelDraft:
 
     def _sync(self, context: list[int], need: int) -> torch.Tensor:
         """Make the cache hold `context` (reusing the shared prefix); return logits (1, V) after it."""
-        if self.cache is None or self.cache.max_len < need:
-            device = next(self.model.parameters()).device
-            size = min(self.model.config.block_size, max(2 * need, 256))  # room to grow before reallocating
-            dtype = next(self.model.parameters()).dtype
-            self.cache, self.seen = KVCache(self.model.config, 1, size, dtype=dtype, device=device), []
         shared = 0
         for a, b in zip(self.seen, context[:-1]):  # keep at least the last token to feed
             if a != b:
                 break
             shared += 1
+        # a new cache also when a window layer's ring cannot roll back to the shared prefix (kv_cache.SPARE_SLOTS)
+        if self.cache is None or self.cache.max_len < need or not self.cache.can_truncate(shared):
+            device = next(self.model.parameters()).device
+            size = min(self.model.config.block_size, max(2 * need, 256))  # room to grow before reallocating
+            dtype = next(self.model.parameters()).dtype
+            self.cache, self.seen, shared = KVCache(self.model.config, 1, size, dtype=dtype, device=device), [], 0
         self.rollback(shared)
         return self._feed(context[shared:])
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+MASK_CHUNK = 1 << 24  # (query, key) pairs per piece of a dense pattern mask: 128 MiB of int64 differences
 RANDOM_BLOCK_SIZE = 64  # default random_block_size: BigBird's block is 64 tokens (Zaheer et al. 2020, sec. 4)
 
 
@@ -50,6 +51,11 @@ def pattern_mask(pattern: dict, q_pos: torch.Tensor, k_pos: torch.Tensor, k_vali
     Args:
         q_pos: (..., T) query positions; k_pos, k_valid: (..., S) key positions and validity (None: all valid).
     """
+    T, S = q_pos.shape[-1], k_pos.shape[-1]
+    rows = max(1, MASK_CHUNK // max(1, S * k_pos[..., 0].numel()))  # query rows per piece
+    if rows < T:  # a long dense mask in pieces: the int64 position differences of all rows at once would not fit
+        return torch.cat([pattern_mask(pattern, q_pos[..., i:i + rows], k_pos, k_valid)
+                          for i in range(0, T, rows)], dim=-2)
     qp, kp = q_pos[..., :, None], k_pos[..., None, :]
     allowed = pattern_allows(pattern, qp, kp) & (kp <= qp)
     if k_valid is not None:
@@ -78,6 +84,14 @@ def pattern_allows(pattern: dict, qp: torch.Tensor, kp: torch.Tensor) -> torch.T
         for r in range(table.shape[1]):
             allowed |= q_rows[..., r] == k_block
     return allowed
+
+
+def window_reach(pattern: dict | None) -> int | None:
+    """Positions back a pure sliding-window pattern can see, the query's own included ((window - 1) *
+    dilation + 1); None when the pattern has another component (global tokens, strides, ...) or is None."""
+    if not pattern or set(pattern) - {"window", "dilation"} or not pattern.get("window"):
+        return None
+    return (pattern["window"] - 1) * pattern.get("dilation", 1) + 1
 
 
 def random_block_table(pattern: dict, n_blocks: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model.attention import Attention, AttentionContext
-from lmforge.model.masks import RANDOM_BLOCK_SIZE, attention_mask, pattern_mask, random_block_table
+from lmforge.model.masks import RANDOM_BLOCK_SIZE, attention_mask, pattern_mask, random_block_table, window_reach
 
 BLOCK_SPARSE = True  # sparse kinds run the block-sparse kernel; `dense()` swaps in the dense masked path
 BLOCK = 64  # tokens per tile: a window of 256 reads 5 key blocks + 1 block of global tokens per query block
@@ -32,7 +32,7 @@ class BlockPlan:
     """What every layer of one sparse kind needs in one forward: which key blocks each query block
     reads, and the element mask inside them."""
 
-    index: torch.Tensor  # (nQ, M) long: key blocks read by each query block (padded with block 0)
+    index: torch.Tensor  # (nQ, M) long: key blocks read by each query block (padded with blocks it cannot see)
     hidden: torch.Tensor  # (B, nQ, BLOCK, M * BLOCK) bool: True where a query may NOT see a gathered key
     block: int
     q_len: int  # T before padding to whole blocks
@@ -77,8 +77,9 @@ def _random_reach(pattern: dict, q_lo, q_hi, k_lo, k_hi) -> torch.Tensor:
     reach = F.pad(union.int().cumsum(-1), (1, 0))  # prefix over key position blocks
     k_first, k_last = (k_lo // size).clamp(max=top - 1), (k_hi // size).clamp(0, top - 1)
     n_q = q_lo.shape[1]
-    hits = reach.gather(2, (k_last + 1)[:, None].expand(-1, n_q, -1)) - reach.gather(2, k_first[:, None].expand(-1, n_q, -1))
-    return hits > 0
+    upto = reach.gather(2, (k_last + 1)[:, None].expand(-1, n_q, -1))  # (B, nQ, nK) drawn blocks <= k_last
+    below = reach.gather(2, k_first[:, None].expand(-1, n_q, -1))  # drawn blocks < k_first
+    return upto > below
 
 
 def block_layout(pattern: dict, q_lo, q_hi, k_lo, k_hi) -> torch.Tensor:
@@ -250,18 +251,19 @@ def sparse_context(pattern: dict, rope, positions: torch.Tensor, valid: torch.Te
         positions, valid: (B, T) of the new tokens; cache: a static KVCache already holding their slots.
         seq_ids: (B, T) example ids of packed training rows (no cache).
     """
-    end = start + positions.shape[1]
+    end, reach = start + positions.shape[1], window_reach(pattern)
+    key_lo = max(0, start - reach + 1) if reach and cache is not None else 0  # a window sees no older slot
     if cache is not None:
-        k_pos, k_valid = cache.positions[:, :end], cache.valid[:, :end]
+        k_pos, k_valid = cache.positions[:, key_lo:end], cache.valid[:, key_lo:end]
     else:
         k_pos, k_valid = positions, valid
     if positions.shape[1] == 1 or not BLOCK_SPARSE:
         mask = attention_mask(positions, k_pos, k_valid, pattern=pattern)  # (B, 1, T, S)
         if seq_ids is not None:
             mask = mask & (seq_ids[:, :, None] == seq_ids[:, None, :])[:, None]
-        return AttentionContext(rope, mask, False, cache, start, 0)
+        return AttentionContext(rope, mask, False, cache, start, key_lo)
     ids = None if seq_ids is None else (seq_ids, seq_ids)
-    return SparseContext(rope, build_plan(pattern, positions, k_pos, k_valid, ids), cache, start, 0)
+    return SparseContext(rope, build_plan(pattern, positions, k_pos, k_valid, ids), cache, start, key_lo)
 
 
 @contextlib.contextmanager
