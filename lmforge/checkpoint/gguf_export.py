@@ -98,6 +98,8 @@ def architecture(config: Config) -> str:
         problems.append(f"query_pre_attn_scalar={config.query_pre_attn_scalar} (llama.cpp scales by head_dim)")
     if config.final_logit_softcap or config.attn_logit_softcap:
         problems.append("logit soft-capping")
+    if config.sparse_patterns:
+        problems.append(f"sparse_patterns {sorted(config.sparse_patterns)} (llama.cpp attends to every key)")
     if arch == "llama" and config.sliding_window:
         problems.append(f"sliding_window={config.sliding_window} (llama.cpp's llama has none)")
     if arch == "gemma3":

@@ -178,6 +178,9 @@ def save_hf(model, path: str | Path) -> Path:
     config: Config = model.config
     if config.position != "rope":
         raise ValueError("save_hf writes LLaMA-style and Gemma 3 models; GPT-2 export is not supported yet")
+    if config.sparse_patterns:
+        raise ValueError(f"save_hf: sparse_patterns {sorted(config.sparse_patterns)} have no Hugging Face config "
+                         "field, so transformers would attend to every key; keep sparse models in lmforge's format")
     state = {k: v.detach().contiguous() for k, v in float_state_dict(model).items()}
     plain = set(_plain_keys(config))
     extra = sorted(set(state) - plain)

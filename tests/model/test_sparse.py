@@ -219,6 +219,17 @@ def test_serving_engine_refuses_sparse_models():
         ModelRunner(_sparse_model(), None)
 
 
+def test_exports_refuse_sparse_models(tmp_path):
+    from lmforge.checkpoint.gguf_export import architecture
+    from lmforge.checkpoint.hf import save_hf
+
+    model = _sparse_model()
+    with pytest.raises(ValueError, match="sparse_patterns"):
+        architecture(model.config)
+    with pytest.raises(ValueError, match="sparse_patterns"):
+        save_hf(model, tmp_path / "hf")
+
+
 def _config(patterns: dict, types: list[str] | None = None, **overrides) -> Config:
     return Config.from_name("tiny-llama", layer_types=types or ["local", "global"], sparse_patterns=patterns,
                             **overrides)
