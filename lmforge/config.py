@@ -12,6 +12,8 @@ MLPKind = Literal["swiglu", "geglu", "gelu"]
 PositionKind = Literal["rope", "learned", "alibi", "sinusoidal"]
 RopeScaling = Literal["none", "linear", "llama3", "ntk", "dynamic", "yarn"]
 AttnImpl = Literal["sdpa", "math", "flash"]
+ArchKind = Literal["transformer", "mamba"]  # mamba: Mamba blocks, attention where `mixers` says (hybrid)
+MixerKind = Literal["attention", "mamba"]
 BUILTIN_KINDS = {"global", "sliding"}  # layer kinds that need no sparse pattern
 # sparse pattern keys -> smallest value; the first five are the pattern's components (model/masks.py)
 SPARSE_PATTERN_KEYS = {"window": 0, "stride": 0, "block": 0, "global_tokens": 0, "random_blocks": 0,
@@ -76,6 +78,16 @@ class Config:
     qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None -> `bias`
     # Sparse attention (model/sparse.py): layer kind -> pattern spec; layer_types names the kinds
     sparse_patterns: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # State spaces (model/ssm.py, model/mamba.py): Mamba's selective SSM, named as its config.json names them
+    arch: ArchKind = "transformer"
+    d_state: int = 16  # N, the SSM state per channel (state_size)
+    d_conv: int = 4  # causal depthwise conv width (conv_kernel)
+    expand: int = 2  # inner width = expand * n_embd (intermediate_size)
+    dt_rank: int | None = None  # rank of the delta projection (time_step_rank); None -> ceil(n_embd / 16)
+    conv_bias: bool = True  # use_conv_bias; `bias` is use_bias (in_proj, out_proj)
+    attn_layer_period: int = 0  # hybrid (Jamba): layer i attends when i % period == offset; 0 -> all Mamba
+    attn_layer_offset: int = 0
+    mixers: list[str] = field(default_factory=list)  # per layer "attention" | "mamba", derived
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -100,6 +112,7 @@ class Config:
             self.qkv_bias = self.bias
         self._check_moe()
         self._check_sparse()
+        self._check_ssm()
 
     def _check_moe(self) -> None:
         """Mixture-of-Experts fields: derive the expert width, refuse what the router cannot do."""
@@ -146,6 +159,50 @@ class Config:
         if self.sparse_patterns and self.position == "alibi":
             raise ValueError("sparse_patterns with position='alibi': the block-sparse kernel adds no ALiBi bias; "
                              "use position='rope' (or another) with sparse layers")
+
+    def _check_ssm(self) -> None:
+        """State-space fields: derive dt_rank and each layer's mixer; refuse what a Mamba or hybrid
+        model cannot combine (model/mamba.py builds it)."""
+        if self.arch not in ArchKind.__args__:
+            raise ValueError(f"arch={self.arch!r} is not one of {ArchKind.__args__}")
+        if self.dt_rank is None:
+            self.dt_rank = -(-self.n_embd // 16)  # Mamba's "auto": ceil(d_model / 16)
+        if self.arch == "mamba" and not 0 <= self.attn_layer_offset < max(1, self.attn_layer_period):
+            raise ValueError(f"attn_layer_offset={self.attn_layer_offset} must be in [0, attn_layer_period="
+                             f"{self.attn_layer_period}) (Jamba: period 8, offset 4)")
+        if not self.mixers:
+            self.mixers = [self._mixer(i) for i in range(self.n_layer)]
+        if len(self.mixers) != self.n_layer or set(self.mixers) - set(MixerKind.__args__):
+            raise ValueError(f"mixers={self.mixers} must name {self.n_layer} layers, each one of {MixerKind.__args__}")
+        if self.arch == "transformer":
+            if "mamba" in self.mixers:
+                raise ValueError("mixers names Mamba layers but arch='transformer'; set arch='mamba' for SSM and "
+                                 "hybrid models")
+            return
+        for name in ("d_state", "d_conv", "expand", "dt_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 for arch='mamba'")
+        unsupported = {"n_experts": self.n_experts, "sparse_patterns": self.sparse_patterns,
+                       "sliding_window": self.sliding_window}
+        for name, value in unsupported.items():
+            if value:
+                raise ValueError(f"{name}={value!r} with arch='mamba': Mamba and hybrid models have dense MLPs and "
+                                 f"full attention only; drop {name}")
+        if "attention" in self.mixers and self.position != "rope":
+            raise ValueError(f"position={self.position!r}: the attention layers of a hybrid use RoPE; "
+                             "set position='rope'")
+
+    def _mixer(self, i: int) -> str:
+        """Layer i's sequence mixer: attention in a transformer, Mamba with attention every period-th layer."""
+        if self.arch == "transformer":
+            return "attention"
+        period = self.attn_layer_period
+        return "attention" if period and i % period == self.attn_layer_offset else "mamba"
+
+    @property
+    def d_inner(self) -> int:
+        """The Mamba mixer's inner width (Hugging Face's intermediate_size of MambaConfig)."""
+        return self.expand * self.n_embd
 
     def _layer_type(self, i: int) -> str:
         if self.sliding_window and self.sliding_window_pattern:
@@ -216,6 +273,9 @@ GEMMA3_STYLE = dict(
 MIXTRAL_STYLE = dict(LLAMA_STYLE, tie_embeddings=False, rope_theta=1e6, norm_topk_prob=True)
 QWEN_MOE_STYLE = dict(LLAMA_STYLE, tie_embeddings=False, rope_theta=1e6, norm_topk_prob=False, qkv_bias=True)
 
+# Mamba blocks: RMSNorm, tied embeddings, no biases but the conv's (Hugging Face MambaConfig defaults)
+MAMBA_STYLE = dict(LLAMA_STYLE, arch="mamba", d_state=16, d_conv=4, expand=2, block_size=1 << 20, norm_eps=1e-5)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(LLAMA_STYLE, vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
                        intermediate_size=128, block_size=256),
@@ -246,4 +306,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                               n_kv_head=16, intermediate_size=5632, moe_intermediate_size=1408,
                               shared_expert_intermediate_size=5632, block_size=8192, norm_eps=1e-6,
                               n_experts=60, n_experts_per_tok=4, router_aux_loss_coef=0.001),
+    # Mamba (Gu & Dao 2023): no position table, so block_size only bounds generation
+    "tiny-mamba": dict(MAMBA_STYLE, vocab_size=256, n_layer=2, n_embd=64),
+    # state-spaces/mamba-130m (its config.json in Hugging Face's MambaConfig layout: vocab padded to 50280)
+    "mamba-130m": dict(MAMBA_STYLE, vocab_size=50280, n_layer=24, n_embd=768),
+    # Jamba-style hybrid (Lieber et al. 2024): one attention block (with its MLP) every 4th layer, Mamba elsewhere
+    "tiny-hybrid": dict(MAMBA_STYLE, vocab_size=256, n_layer=4, n_embd=64, n_head=4, n_kv_head=2,
+                        intermediate_size=128, block_size=4096, attn_layer_period=4, attn_layer_offset=2),
 }

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.atomic import atomic_write, atomic_write_text
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.gguf_blocks import float_state_dict
+from lmforge.checkpoint.hf_mamba import MAMBA_TYPES, OTHER_SSM_TYPES, hf_mamba_config, mamba_config, mamba_state
 from lmforge.checkpoint.hf_moe import MOE_TYPES, hf_moe_fields, moe_fields, stack_experts, unstack_experts
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
 
@@ -88,10 +89,15 @@ def config_from_hf(path: str | Path) -> Config:
                                  norm_eps=cfg.get("layer_norm_epsilon", 1e-5), tie_embeddings=True))
         if kind in LLAMA_TYPES + GEMMA3_TYPES + MOE_TYPES:
             return _llama_like(cfg, kind, path.name)
+        if kind in MAMBA_TYPES:
+            return mamba_config(cfg, path.name)
     except KeyError as err:
         raise CheckpointError(f"{path / 'config.json'} lacks the key {err}") from None
+    if kind in OTHER_SSM_TYPES:
+        raise CheckpointError(f"model_type {kind!r} is {OTHER_SSM_TYPES[kind]}, not Mamba-1's mixer; lmforge "
+                              f"reads Mamba checkpoints of model_type {list(MAMBA_TYPES)}")
     raise CheckpointError(f"model_type {kind!r} is not supported; lmforge reads "
-                          f"{list(LLAMA_TYPES + GEMMA3_TYPES + GPT2_TYPES + MOE_TYPES)}")
+                          f"{list(LLAMA_TYPES + GEMMA3_TYPES + GPT2_TYPES + MOE_TYPES + MAMBA_TYPES)}")
 
 
 def _llama_like(cfg: dict[str, Any], kind: str, name: str) -> Config:
@@ -143,6 +149,8 @@ def read_hf_state(path: str | Path, config: Config) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file}: unreadable safetensors ({err}); download it again") from None
     raw = {k.removeprefix("language_model."): v.float() for k, v in raw.items()}
+    if config.arch == "mamba":  # Hugging Face's Mamba names are ours
+        return mamba_state(raw)
     if config.position == "learned":  # GPT-2
         return _from_gpt2(raw, config)
     if config.n_experts:  # Mixtral, Qwen2-MoE: per-expert hub tensors stacked
@@ -199,11 +207,11 @@ def save_hf(model, path: str | Path) -> Path:
 
 
 def _plain_keys(config: Config) -> list[str]:
-    """The state_dict keys of an unmodified Transformer with this config (built on the meta device)."""
-    from lmforge.model.transformer import Transformer
+    """The state_dict keys of an unmodified model with this config (built on the meta device)."""
+    from lmforge.model.transformer import model_class
 
     with torch.device("meta"):
-        return list(Transformer(config).state_dict())
+        return list(model_class(config)(config).state_dict())
 
 
 def save_pretrained(model, tokenizer, path: str | Path) -> Path:
@@ -219,6 +227,8 @@ def save_pretrained(model, tokenizer, path: str | Path) -> Path:
 
 
 def hf_config(config: Config) -> dict[str, Any]:
+    if config.arch == "mamba":
+        return hf_mamba_config(config)
     gemma = config.sandwich_norm
     cfg: dict[str, Any] = dict(
         model_type="gemma3_text" if gemma else "llama", architectures=["Gemma3ForCausalLM" if gemma else

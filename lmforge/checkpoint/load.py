@@ -9,8 +9,9 @@ from torch import nn
 
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.gguf_blocks import BlockTensor, GGUFEmbedding, GGUFLinear
+from lmforge.checkpoint.hf_mamba import check_family
 from lmforge.config import Config
-from lmforge.model.transformer import Transformer, decode_layout
+from lmforge.model.transformer import Transformer, decode_layout, model_class
 
 
 def swap_block_modules(model: Transformer, state: dict[str, torch.Tensor | BlockTensor], source: str) -> bool:
@@ -40,7 +41,7 @@ def swap_block_modules(model: Transformer, state: dict[str, torch.Tensor | Block
 
 def _tie(model: Transformer) -> None:
     """Point lm_head at the embedding's weight, or at its blocks when the embedding keeps blocks."""
-    embedding = model.model.embed_tokens
+    embedding = model.backbone.embeddings if model.config.arch == "mamba" else model.model.embed_tokens
     if isinstance(embedding, GGUFEmbedding):
         model.lm_head = GGUFLinear.tied_to(embedding)
     else:
@@ -51,8 +52,9 @@ def assign_state(config: Config, state: dict[str, torch.Tensor | BlockTensor], s
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
     """Build the model on the meta device and adopt `state` tensors without copying them twice;
     BlockTensors become GGUFLinear/GGUFEmbedding modules holding their blocks."""
+    check_family(config, state, source)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = model_class(config)(config)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     native = swap_block_modules(model, state, source)
@@ -74,7 +76,7 @@ def assign_state(config: Config, state: dict[str, torch.Tensor | BlockTensor], s
     if config.tie_embeddings:
         _tie(model)
     # decode_layout reads lm_head.weight, which a GGUFLinear would dequantize; blocks have one layout
-    return model.eval() if native else decode_layout(model).eval()
+    return model.eval() if native or config.arch == "mamba" else decode_layout(model).eval()
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

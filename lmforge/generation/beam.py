@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.generation.generate import decode_one_token, prefill
-from lmforge.generation.kv_cache import KVCache
+from lmforge.generation.state_cache import make_cache
 from lmforge.generation.sampling import SamplingParams
 
 NEG = -1.0e9  # stands in for -inf without producing NaN in sums
@@ -44,7 +44,7 @@ def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[i
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the {model.config.block_size}-token "
                          "context; shorten it")
     weight = next(model.parameters())
-    cache = KVCache(model.config, k, len(prompt) + max_new, dtype=weight.dtype, device=weight.device)
+    cache = make_cache(model.config, k, len(prompt) + max_new, dtype=weight.dtype, device=weight.device)
     ids = torch.tensor([prompt] * k, device=weight.device)
     logits, pos = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)
     running_scores = torch.full((k,), NEG, device=weight.device)

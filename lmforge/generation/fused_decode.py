@@ -34,10 +34,12 @@ NORMS = (("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_a
 
 
 def supported_architecture(config) -> bool:
-    """Whether decode.cpp implements this block: RMSNorm, RoPE, SwiGLU/GeGLU, no attention softcap,
-    a dense MLP (MoE models decode through the PyTorch forward), no sparse attention patterns (its
-    layers know only full and sliding-window attention)."""
-    return (config.norm == "rmsnorm" and config.position == "rope" and config.mlp in ("swiglu", "geglu")
+    """Whether decode.cpp implements this block: a transformer (Mamba and hybrids decode through their
+    PyTorch forward), RMSNorm, RoPE, SwiGLU/GeGLU, no attention softcap, a dense MLP (MoE models decode
+    through the PyTorch forward), no sparse attention patterns (its layers know only full and
+    sliding-window attention)."""
+    return (getattr(config, "arch", "transformer") == "transformer" and config.norm == "rmsnorm"
+            and config.position == "rope" and config.mlp in ("swiglu", "geglu")
             and config.attn_logit_softcap is None and config.n_head % config.n_kv_head == 0
             and not config.n_experts and not config.sparse_patterns)
 
@@ -211,6 +213,8 @@ def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor | None:
     """Logits (B, vocab) for tokens (B,) fed at the static cache's next slot, for a cache without padding
     whose slot t holds position t; None when the step needs model.forward (not fused, too many rows, no
     slot left): forward then runs it, or raises its clear error for a full cache or context."""
+    if not supported_architecture(model.config):  # before reading cache.k: a Mamba cache has none
+        return None
     B, slot = tokens.shape[0], cache.length
     if not _usable(model, B, gemv.MAX_ROWS, cache.k) or slot >= min(cache.max_len, model.config.block_size):
         return None

@@ -16,6 +16,7 @@ from lmforge.generation.drafts import Draft
 from lmforge.generation.fused_decode import decode_step
 from lmforge.generation.kv_cache import KVCache
 from lmforge.generation.sampling import SamplingParams, sample
+from lmforge.generation.state_cache import make_cache
 from lmforge.model.masks import positions_from_padding
 
 
@@ -79,7 +80,8 @@ class TokenStream:
         self.stop_ids |= set(params.stop_token_ids)
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        self.cache = KVCache(config, len(prompts), longest + self.max_new, dtype=dtype, device=device)
+        # a KVCache, or per-layer recurrent state for Mamba and hybrids (generation/state_cache.py)
+        self.cache = make_cache(config, len(prompts), longest + self.max_new, dtype=dtype, device=device)
         ids, valid = left_pad(prompts, pad_id)
         self.aligned = bool(valid.all())  # no padding: positions are cache slots (decode_one_token)
         self.history = ids.masked_fill(~valid, -1).to(device) if params.repetition_penalty != 1.0 else None

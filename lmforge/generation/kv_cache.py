@@ -12,6 +12,8 @@ position, is off for them (fused_decode.supported_architecture).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from lmforge.config import Config
@@ -32,11 +34,12 @@ class KVCache:
     """Keys/values (B, n_kv_head, max_len, head_dim) per layer, plus slot positions and validity."""
 
     def __init__(self, config: Config, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", layers: Sequence[int] | None = None) -> None:
         self.rings = [ring_size(config, i, max_len) for i in range(config.n_layer)]  # None: a slot per token
         shapes = [(batch_size, config.n_kv_head, ring or max_len, config.head_dim) for ring in self.rings]
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
+        kept = set(range(config.n_layer) if layers is None else layers)  # a hybrid's attention layers only
+        self.k = [torch.empty(s, dtype=dtype, device=device) if i in kept else None for i, s in enumerate(shapes)]
+        self.v = [torch.empty(s, dtype=dtype, device=device) if i in kept else None for i, s in enumerate(shapes)]
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots filled so far
@@ -116,7 +119,7 @@ class KVCache:
         """Keep batch rows `index` (beam search picks which beams survive)."""
         for buffers in (self.k, self.v):
             for i, buf in enumerate(buffers):
-                buffers[i] = buf.index_select(0, index)
+                buffers[i] = None if buf is None else buf.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.valid = self.valid.index_select(0, index)
         self.batch_size = index.numel()

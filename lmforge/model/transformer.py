@@ -69,6 +69,9 @@ class Transformer(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
+        if config.arch != "transformer":
+            raise ValueError(f"Transformer builds arch='transformer' configs; {config.name} is arch={config.arch!r} "
+                             "(lmforge.model.transformer.model_class picks the module for a config)")
         self.config = config
         self.model = Backbone(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
@@ -203,8 +206,21 @@ def decode_layout(model: Transformer) -> Transformer:
     return model if on_cpu and gemv.extension() is not None else column_major_linears(model)
 
 
+def model_class(config: Config) -> type[nn.Module]:
+    """The module that builds a config: Transformer, or MambaLM for arch='mamba' (model/mamba.py)."""
+    if config.arch == "mamba":
+        from lmforge.model.mamba import MambaLM  # model/mamba.py builds on this module's Block
+
+        return MambaLM
+    return Transformer
+
+
 def build_model(config: Config, device: torch.device | str = "cpu") -> Transformer:
     """Construct a randomly initialised model (use the checkpoint loaders for real weights)."""
+    if config.arch == "mamba":
+        from lmforge.model.mamba import build_mamba
+
+        return build_mamba(config, device)
     with torch.device(device):
         model = Transformer(config)
     if device != "meta":

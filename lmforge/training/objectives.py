@@ -48,6 +48,8 @@ def _contexts(model, positions: torch.Tensor, seq_ids: torch.Tensor | None) -> d
 def hidden_states(model, batch: dict) -> torch.Tensor:
     """Final-norm hidden states (B, T, n_embd); blocks are recomputed in backward with
     `model.gradient_checkpointing` (activations of one block kept instead of all)."""
+    if model.config.arch == "mamba":
+        return _ssm_hidden_states(model, batch)
     ids, positions = batch["input_ids"], batch["positions"]
     contexts = _contexts(model, positions, batch.get("seq_ids"))
     x = model.embed(ids, positions)
@@ -57,6 +59,18 @@ def hidden_states(model, batch: dict) -> torch.Tensor:
         ctx = contexts[layer.layer_type]
         x = checkpoint(layer, x, ctx, use_reentrant=False, **moe) if use_ckpt else layer(x, ctx)
     return model.model.norm(x)
+
+
+def _ssm_hidden_states(model, batch: dict) -> torch.Tensor:
+    """hidden_states of a Mamba or hybrid model (model/mamba.py): a context per layer, the selective scan in
+    parallel; a packed example starts from a fresh state, padding leaves the state as it was."""
+    ids = batch["input_ids"]
+    contexts = model.layer_contexts(ids.shape, batch["positions"], batch.get("valid"), None, batch.get("seq_ids"))
+    x = model.embed(ids)
+    use_ckpt = getattr(model, "gradient_checkpointing", False) and torch.is_grad_enabled()
+    for layer, ctx in zip(model.backbone.layers, contexts):
+        x = checkpoint(layer, x, ctx, use_reentrant=False) if use_ckpt else layer(x, ctx)
+    return model.backbone.norm_f(x)
 
 
 def _moe_contexts():
