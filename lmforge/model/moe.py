@@ -98,11 +98,6 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its rows x (n, H) -> (n, H)."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, I) each
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
-
     def forward(self, x: torch.Tensor, weights: torch.Tensor, plan: Dispatch) -> torch.Tensor:
         """sum_j weights[n, j] * expert_{j}(x[n]) for every token: one gather, one matmul chain per
         expert that received rows, one index_add back (no loop over tokens).
@@ -110,12 +105,23 @@ class Experts(nn.Module):
         Args:
             x: (N, H) tokens; weights: (N, k) routing weights; plan: `dispatch` of the (N, k) picks.
         """
-        rows = x[plan.token]  # (M, H) grouped by expert
-        outs = [self.expert(e, part) for e, part in enumerate(rows.split(plan.counts)) if plan.counts[e]]
+        rows = x.index_select(0, plan.token)  # (M, H) grouped by expert
+        # unbind once: indexing the stacked weights per expert would give each expert's gradient
+        # as a full (E, ...) tensor of zeros in backward, E times over
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        outs = [expert_swiglu(part, gate_up[e], down[e]) for e, part in enumerate(rows.split(plan.counts))
+                if plan.counts[e]]
         if not outs:
             return torch.zeros_like(x)
-        y = torch.cat(outs) * weights[plan.token, plan.choice, None].to(x.dtype)  # (M, H)
+        w = weights.t().reshape(-1).index_select(0, plan.choice * x.shape[0] + plan.token)  # (M,)
+        y = torch.cat(outs) * w[:, None].to(x.dtype)  # (M, H)
         return torch.zeros_like(x).index_add(0, plan.token, y)
+
+
+def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x) with gate and up stacked in gate_up (2I, H); x (n, H) -> (n, H)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # (n, I) each
+    return F.linear(F.silu(gate) * up, down)
 
 
 class MoE(nn.Module):
@@ -190,8 +196,8 @@ def load_balancing_loss(router_logits: torch.Tensor | Sequence[torch.Tensor], n_
     """Switch Transformer's auxiliary loss E * sum_e f_e * P_e over all layers' tokens together.
 
     f_e: top-k picks that go to expert e per token; P_e: mean router probability of e. It is
-    top_k when routing is uniform, up to E * top_k when one expert takes all; the same formula
-    as transformers' `load_balancing_loss_func` (Mixtral, Qwen2-MoE).
+    top_k when routing is even and approaches E when one expert takes every token; the same
+    formula as transformers' `load_balancing_loss_func` (Mixtral, Qwen2-MoE).
 
     Args:
         router_logits: (N, E) per MoE layer, or one (L*N, E) tensor.

@@ -222,6 +222,17 @@ def test_moe_step_and_dense_layers_pick_the_sparse_layers():
     assert sparse == [1, 5]  # every 2nd layer (1-based), layer 3 kept dense
 
 
+@pytest.mark.parametrize("name,total,active", [("mixtral-8x7b", 46.7e9, 12.9e9),
+                                               ("qwen1.5-moe-a2.7b", 14.3e9, 2.7e9)])
+def test_real_shapes_have_their_published_sizes(name, total, active):
+    model = build_model(Config.from_name(name), device="meta")
+    count = sum(p.numel() for p in model.parameters())
+    idle = sum((m.experts.gate_up_proj.numel() + m.experts.down_proj.numel()) // m.n_experts
+               * (m.n_experts - m.top_k) for m in moe_layers(model))
+    # the published figures are rounded to 0.1B
+    assert count == pytest.approx(total, abs=0.05e9) and count - idle == pytest.approx(active, abs=0.05e9)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(n_experts=4, n_experts_per_tok=5), "n_experts_per_tok=5 must be between 1 and n_experts=4"),
     (dict(n_experts=4, n_experts_per_tok=0), "n_experts_per_tok=0 must be between 1"),
