@@ -96,6 +96,7 @@ class _Tiles:
         self.T, self.S, self.G, self.causal = T, S, G, causal
         self.block_q, self.block_k, self.device = block_q, block_k, device
         self.offset = S - T  # query t sits at key position t + offset
+        self._masks: dict[tuple[int, int, int], torch.Tensor] = {}  # diagonal tiles repeat one pattern
 
     def key_end(self, i1: int) -> int:
         """One past the last key the query tile ending at i1 may see."""
@@ -111,57 +112,60 @@ class _Tiles:
         """(rows, j1 - j0) True where key j is after query t; None when the tile is wholly visible."""
         if not self.causal or j1 - 1 <= i0 + self.offset:
             return None
-        t = torch.arange(i0, i1, device=self.device).repeat_interleave(self.G) + self.offset
-        return torch.arange(j0, j1, device=self.device)[None, :] > t[:, None]
+        key = (i1 - i0, j1 - j0, i0 + self.offset - j0)  # the mask depends on sizes and diagonal shift only
+        if key not in self._masks:
+            t = torch.arange(i1 - i0, device=self.device).repeat_interleave(self.G) + key[2]
+            self._masks[key] = torch.arange(j1 - j0, device=self.device)[None, :] > t[:, None]
+        return self._masks[key]
 
 
-def _tile_scores(qs: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, tiles: _Tiles,
-                 i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
-    """Masked scores (N, rows, keys) of query tile [i0, i1) against key tile [j0, j1); qs is pre-scaled."""
-    G = tiles.G
-    s = torch.bmm(qs[:, i0 * G:i1 * G], k[:, j0:j1].transpose(1, 2))  # (N, rows, keys)
+def _tile_scores(q_i: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, tiles: _Tiles,
+                 i0: int, i1: int, j0: int, j1: int) -> tuple[torch.Tensor, bool]:
+    """Scores (N, rows, keys) of query tile [i0, i1) (q_i, pre-scaled) against key tile [j0, j1), masked;
+    and whether any entry may be masked (-inf)."""
+    s = torch.bmm(q_i, k[:, j0:j1].transpose(1, 2))  # (N, rows, keys)
     masked = tiles.causal_mask(i0, i1, j0, j1)
     if masked is not None:
         s.masked_fill_(masked, float("-inf"))
     if bias is not None:
         s.add_(bias[:, :, j0:j1])
-    return s
+    return s, masked is not None or bias is not None
 
 
 def _forward(qs, k, v, bias, live, tiles: _Tiles) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (N, T * G, D) and row logsumexp (N, T * G) by the online softmax over key tiles."""
-    N, R, D = qs.shape
+    """Output (N, T * G, D) and row logsumexp (N, T * G, 1) by the online softmax over key tiles."""
     G, bq, bk = tiles.G, tiles.block_q, tiles.block_k
-    out = torch.empty_like(qs)
-    lse = torch.empty(N, R, dtype=qs.dtype, device=qs.device)
+    out = torch.zeros_like(qs)
+    lse = torch.full((*qs.shape[:2], 1), float("-inf"), dtype=qs.dtype, device=qs.device)
     for i0 in range(0, tiles.T, bq):
-        i1 = min(i0 + bq, tiles.T)
+        i1, end = min(i0 + bq, tiles.T), tiles.key_end(min(i0 + bq, tiles.T))
         rows = slice(i0 * G, i1 * G)
-        m = torch.full((N, (i1 - i0) * G), float("-inf"), dtype=qs.dtype, device=qs.device)  # running max
-        l = torch.zeros_like(m)  # running sum of exp(s - m)
-        acc = torch.zeros(N, (i1 - i0) * G, D, dtype=qs.dtype, device=qs.device)  # unnormalised output
-        end = tiles.key_end(i1)
+        m = l = acc = None  # running row max, sum of exp(s - m), unnormalised output
         for j0 in range(0, end, bk):
             if not live[j0 // bk]:
                 continue
-            j1 = min(j0 + bk, end)
-            s = _tile_scores(qs, k, bias, tiles, i0, i1, j0, j1)
-            m_new = torch.maximum(m, s.amax(-1))
-            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows that saw no key yet
-            p = s.sub_(m_safe.unsqueeze(-1)).exp_()  # (N, rows, keys), in place of s
-            alpha = (m - m_safe).exp_()  # rescales what earlier tiles summed
-            l.mul_(alpha).add_(p.sum(-1))
-            acc.mul_(alpha.unsqueeze(-1)).baddbmm_(p, v[:, j0:j1])
+            s, masked = _tile_scores(qs[:, rows], k, bias, tiles, i0, i1, j0, min(j0 + bk, end))
+            m_tile = s.amax(-1, keepdim=True)  # (N, rows, 1)
+            m_new = m_tile if m is None else torch.maximum(m, m_tile)
+            ref = m_new.masked_fill(m_new == float("-inf"), 0.0) if masked else m_new  # rows with no key yet
+            p = s.sub_(ref).exp_()  # in place of s
+            if m is None:
+                l, acc = p.sum(-1, keepdim=True), torch.bmm(p, v[:, j0:j0 + p.shape[-1]])
+            else:
+                alpha = (m - ref).exp_()  # rescales what earlier tiles summed
+                l = torch.addcmul(p.sum(-1, keepdim=True), l, alpha)
+                acc = acc.mul_(alpha).baddbmm_(p, v[:, j0:j0 + p.shape[-1]])
             m = m_new
-        out[:, rows] = acc / l.masked_fill(l == 0, 1.0).unsqueeze(-1)
-        lse[:, rows] = m + l.log()  # -inf where a row saw no key
+        if m is not None:
+            out[:, rows] = acc / l.masked_fill(l == 0, 1.0)
+            lse[:, rows] = m + l.log()  # -inf where a row saw no key
     return out, lse
 
 
 def _backward(qs, k, v, out, lse, d_out, bias, live, tiles: _Tiles):
     """dqs (scaled-q gradient), dk, dv by recomputing each tile's probabilities from the logsumexp."""
     G, bq, bk = tiles.G, tiles.block_q, tiles.block_k
-    delta = (d_out * out).sum(-1)  # D = rowsum(dO * O), (N, T * G)
+    delta = (d_out * out).sum(-1, keepdim=True)  # D = rowsum(dO * O), (N, T * G, 1)
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # empty rows: p = exp(s - inf) = 0
     d_q_tiles = [torch.zeros_like(qs[:, i0 * G:min(i0 + bq, tiles.T) * G]) for i0 in range(0, tiles.T, bq)]
     d_k, d_v = torch.zeros_like(k), torch.zeros_like(v)
@@ -174,12 +178,12 @@ def _backward(qs, k, v, out, lse, d_out, bias, live, tiles: _Tiles):
         for i0 in range(tiles.first_query_tile(j0), tiles.T, bq):
             i1 = min(i0 + bq, tiles.T)
             rows = slice(i0 * G, i1 * G)
-            p = _tile_scores(qs, k, bias, tiles, i0, i1, j0, j1).sub_(lse[:, rows].unsqueeze(-1)).exp_()
-            d_v_j.baddbmm_(p.transpose(1, 2), d_out[:, rows])  # dV += P^T dO
-            d_p = torch.bmm(d_out[:, rows], v_j.transpose(1, 2))  # dP = dO V^T
-            d_s = p.mul_(d_p.sub_(delta[:, rows].unsqueeze(-1)))  # dS = P * (dP - D)
+            q_i, d_o = qs[:, rows], d_out[:, rows]
+            p = _tile_scores(q_i, k, bias, tiles, i0, i1, j0, j1)[0].sub_(lse[:, rows]).exp_()
+            d_v_j.baddbmm_(p.transpose(1, 2), d_o)  # dV += P^T dO
+            d_s = p.mul_(torch.bmm(d_o, v_j.transpose(1, 2)).sub_(delta[:, rows]))  # dS = P * (dO V^T - D)
             d_q_tiles[i0 // bq].baddbmm_(d_s, k_j)  # dQ += dS K
-            d_k_j.baddbmm_(d_s.transpose(1, 2), qs[:, rows])  # dK += dS^T Q
+            d_k_j.baddbmm_(d_s.transpose(1, 2), q_i)  # dK += dS^T Q
         d_k[:, j0:j1], d_v[:, j0:j1] = d_k_j, d_v_j
     return torch.cat(d_q_tiles, dim=1), d_k, d_v
 
