@@ -108,6 +108,9 @@ class Config:
                               ("rope_scaling", RopeScaling), ("attn_impl", AttnImpl)):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed.__args__}")
+        if self.rope_scaling != "none" and self.rope_factor <= 0:
+            raise ValueError(f"rope_factor={self.rope_factor} must be > 0 for rope_scaling={self.rope_scaling!r} "
+                             "(the context stretch, e.g. 4.0 for 4x longer)")
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
         self._check_moe()
@@ -267,7 +270,6 @@ GEMMA3_STYLE = dict(
     norm="rmsnorm", norm_unit_offset=True, mlp="geglu", position="rope", qk_norm=True,
     sandwich_norm=True, embedding_scale=True, sliding_window_pattern=6, rope_local_theta=10000.0,
 )
-
 # Mixture of Experts: Mixtral renormalises its top-k weights; Qwen-MoE does not, adds a gated
 # shared expert and biases on q/k/v (model/moe.py)
 MIXTRAL_STYLE = dict(LLAMA_STYLE, tie_embeddings=False, rope_theta=1e6, norm_topk_prob=True)
@@ -275,6 +277,8 @@ QWEN_MOE_STYLE = dict(LLAMA_STYLE, tie_embeddings=False, rope_theta=1e6, norm_to
 
 # Mamba blocks: RMSNorm, tied embeddings, no biases but the conv's (Hugging Face MambaConfig defaults)
 MAMBA_STYLE = dict(LLAMA_STYLE, arch="mamba", d_state=16, d_conv=4, expand=2, block_size=1 << 20, norm_eps=1e-5)
+
+_TINY = dict(vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, block_size=512)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(LLAMA_STYLE, vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
@@ -284,6 +288,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-gemma3": dict(GEMMA3_STYLE, vocab_size=256, n_layer=6, n_embd=64, n_head=4, n_kv_head=1,
                         head_dim=32, intermediate_size=128, block_size=256, sliding_window=8,
                         norm_eps=1e-6, rope_theta=1e6, query_pre_attn_scalar=32),
+    # long context: each RoPE scaling kind stretches a 128-token model to 512 (factor 4), plus two other positions
+    "tiny-llama-ntk": dict(LLAMA_STYLE, **_TINY, rope_scaling="ntk", rope_factor=4.0),
+    "tiny-llama-dynamic": dict(LLAMA_STYLE, **_TINY, rope_scaling="dynamic", rope_factor=4.0,
+                               rope_original_max_position=128),
+    "tiny-llama-yarn": dict(LLAMA_STYLE, **_TINY, rope_scaling="yarn", rope_factor=4.0,
+                            rope_original_max_position=128),
+    "tiny-alibi": dict(LLAMA_STYLE, **_TINY, position="alibi"),  # BLOOM / MPT style positions
+    "tiny-sinusoidal": dict(LLAMA_STYLE, **_TINY, position="sinusoidal"),  # the original Transformer's
     # HuggingFaceTB/SmolLM2-135M-Instruct
     "smollm2-135m": dict(LLAMA_STYLE, vocab_size=49152, n_layer=30, n_embd=576, n_head=9, n_kv_head=3,
                          intermediate_size=1536, block_size=8192, rope_theta=100000.0, norm_eps=1e-5),

@@ -20,6 +20,7 @@ from lmforge.checkpoint.gguf_blocks import float_state_dict
 from lmforge.checkpoint.hf_mamba import MAMBA_TYPES, OTHER_SSM_TYPES, hf_mamba_config, mamba_config, mamba_state
 from lmforge.checkpoint.hf_moe import MOE_TYPES, hf_moe_fields, moe_fields, stack_experts, unstack_experts
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
+from lmforge.model.rope import yarn_mscale
 
 LLAMA_TYPES = ("llama", "mistral")
 GEMMA3_TYPES = ("gemma3_text",)
@@ -65,14 +66,27 @@ def _rope(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
         params = dict(cfg.get("rope_scaling") or {}, rope_theta=cfg.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     out: dict[str, Any] = {"theta": float(params.get("rope_theta", 10000.0))}
-    if rope_type in ("linear", "llama3"):
-        out.update(rope_scaling=rope_type, rope_factor=float(params["factor"]))
+    max_pos = cfg.get("max_position_embeddings", 2048)
+    original = int(cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                   or max_pos)
+    if rope_type in ("linear", "llama3", "dynamic", "yarn"):
+        factor = params.get("factor") or max_pos / original  # yarn may give only the two lengths
+        out.update(rope_scaling=rope_type, rope_factor=float(factor), rope_original_max_position=original)
     if rope_type == "llama3":
         out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
-                   rope_high_freq_factor=float(params["high_freq_factor"]),
-                   rope_original_max_position=int(params["original_max_position_embeddings"]))
+                   rope_high_freq_factor=float(params["high_freq_factor"]))
+    elif rope_type == "dynamic":  # transformers grows the base past max_position_embeddings itself
+        out.update(rope_original_max_position=max_pos)
+    elif rope_type == "yarn":
+        out.update(rope_beta_fast=float(params.get("beta_fast") or 32), rope_beta_slow=float(params.get("beta_slow") or 1))
+        if params.get("attention_factor") is not None:
+            out["rope_attention_factor"] = float(params["attention_factor"])
+        elif params.get("mscale") and params.get("mscale_all_dim"):
+            out["rope_attention_factor"] = yarn_mscale(factor, params["mscale"]) / yarn_mscale(factor, params["mscale_all_dim"])
+        if params.get("truncate", True) is False:
+            raise CheckpointError("yarn with truncate=false is not supported; lmforge rounds the correction range")
     elif rope_type not in ("default", "linear"):
-        raise CheckpointError(f"rope type {rope_type!r} is not supported (default, linear, llama3)")
+        raise CheckpointError(f"rope type {rope_type!r} is not supported (default, linear, llama3, dynamic, yarn)")
     return out
 
 
@@ -111,6 +125,8 @@ def _llama_like(cfg: dict[str, Any], kind: str, name: str) -> Config:
         norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope.pop("theta"),
         tie_embeddings=cfg.get("tie_word_embeddings", gemma), bias=cfg.get("attention_bias", False), **rope,
     )
+    if rope.get("rope_scaling") in ("dynamic", "yarn"):  # they exist to run past the trained context
+        kwargs["block_size"] = max(kwargs["block_size"], int(rope["rope_original_max_position"] * rope["rope_factor"]))
     if gemma:
         kwargs.update(
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"), sliding_window=cfg.get("sliding_window"),
@@ -226,6 +242,25 @@ def save_pretrained(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
+def _hf_rope(config: Config) -> dict[str, Any]:
+    """The rope keys of config.json for a scaling kind (NTK-aware is a plain larger base there)."""
+    kind, factor = config.rope_scaling, config.rope_factor
+    if kind == "none":
+        return {}
+    if kind == "ntk":
+        return {"rope_theta": config.rope_theta * factor ** (config.head_dim / (config.head_dim - 2))}
+    params: dict[str, Any] = dict(rope_type=kind, factor=factor)
+    if kind == "dynamic":
+        return {"rope_scaling": params, "max_position_embeddings": config.rope_original_max_position}
+    params["original_max_position_embeddings"] = config.rope_original_max_position
+    if kind == "llama3":
+        params.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor)
+    elif kind == "yarn":
+        params.update(beta_fast=config.rope_beta_fast, beta_slow=config.rope_beta_slow,
+                      attention_factor=config.rope_attention_factor)
+    return {"rope_scaling": params}
+
+
 def hf_config(config: Config) -> dict[str, Any]:
     if config.arch == "mamba":
         return hf_mamba_config(config)
@@ -239,11 +274,7 @@ def hf_config(config: Config) -> dict[str, Any]:
         rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
         attention_bias=config.bias, torch_dtype="float32",
     )
-    if config.rope_scaling != "none":
-        cfg["rope_scaling"] = dict(rope_type=config.rope_scaling, factor=config.rope_factor,
-                                   low_freq_factor=config.rope_low_freq_factor,
-                                   high_freq_factor=config.rope_high_freq_factor,
-                                   original_max_position_embeddings=config.rope_original_max_position)
+    cfg.update(_hf_rope(config))
     if gemma:
         cfg.update(query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
                    rope_local_base_freq=config.rope_local_theta, hidden_activation="gelu_pytorch_tanh",

@@ -28,7 +28,8 @@ def math_attention(
 
     Args:
         q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, S, head_dim).
-        mask: bool (B, 1, T, S), True where attending is allowed, or None.
+        mask: bool (B, 1, T, S), True where attending is allowed; a float bias (B, 1 | n_head, T, S)
+            added to the scores (-inf where hidden); or None.
     """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, n_head, S, head_dim)
@@ -39,8 +40,10 @@ def math_attention(
     if is_causal:
         T, S = scores.shape[-2:]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:  # an additive bias (ALiBi), -inf where hidden
+        scores = scores + mask.float()
     return (scores.softmax(-1).to(v.dtype)) @ v
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
+from lmforge.model.alibi import alibi_bias, alibi_slopes
 from lmforge.model.attention import Attention, AttentionContext, KVContext
 from lmforge.model.linear import Linear
 from lmforge.model.masks import attention_mask
@@ -20,6 +21,7 @@ from lmforge.model.moe import Experts, MoE
 from lmforge.model.norm import build_norm
 from lmforge.model.rope import rope_cache
 from lmforge.model.sparse import sparse_context
+from lmforge.model.sinusoidal import sinusoidal_positions
 
 
 class Block(nn.Module):
@@ -80,13 +82,25 @@ class Transformer(nn.Module):
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rope_tables(self, kind: str, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables for a layer kind, built lazily and grown by doubling."""
+        """cos/sin tables for a layer kind, built lazily and grown by doubling.
+
+        Gemma's sliding layers keep their own unscaled base. Dynamic NTK past the original context
+        depends on the length itself, so that table is rebuilt for each longer length (as
+        transformers does: keys cached earlier keep the rotation they were stored with).
+        """
+        config = self.config
+        local = kind == "sliding" and config.rope_local_theta is not None
+        theta = config.rope_local_theta if local else config.rope_theta
+        if config.rope_scaling == "dynamic" and not local and length > config.rope_original_max_position:
+            cached = self._rope.get(kind + ":dynamic")
+            if cached is None or cached[0].shape[0] != length or cached[0].device != device:
+                cos, sin = rope_cache(config, theta, length, seq_len=length)
+                self._rope[kind + ":dynamic"] = cached = (cos.to(device), sin.to(device))
+            return cached
         cached = self._rope.get(kind)
         if cached is None or cached[0].shape[0] < length or cached[0].device != device:
-            theta = self.config.rope_local_theta if kind == "sliding" and self.config.rope_local_theta \
-                else self.config.rope_theta
-            size = max(length, min(2 * (cached[0].shape[0] if cached else 256), self.config.block_size))
-            cos, sin = rope_cache(self.config, theta, max(size, length))
+            size = max(length, min(2 * (cached[0].shape[0] if cached else 256), config.block_size))
+            cos, sin = rope_cache(config, theta, max(size, length), scaled=not local)
             self._rope[kind] = cached = (cos.to(device), sin.to(device))
         return cached
 
@@ -143,6 +157,8 @@ class Transformer(nn.Module):
             x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
         if self.config.position == "learned":
             x = x + self.model.embed_positions(positions)
+        elif self.config.position == "sinusoidal":
+            x = x + sinusoidal_positions(positions, self.config.n_embd).to(x.dtype)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +182,8 @@ class Transformer(nn.Module):
         if cache is not None:
             padded = padded or not bool(cache.valid[:, :end].all())
         key_lo = max(0, end - window - T + 1) if window and cache is not None else 0
+        if self.config.position == "alibi":
+            return self._alibi_context(positions, valid, cache, start, end, key_lo, window)
         if not padded and (window is None or end <= window or T == 1):
             if T == 1:  # decode: every kept slot is visible
                 return AttentionContext(rope, None, False, cache, start, key_lo if window else 0)
@@ -177,6 +195,19 @@ class Transformer(nn.Module):
             k_pos, k_valid = positions, valid
         mask = attention_mask(positions, k_pos, k_valid, window)
         return AttentionContext(rope, mask, False, cache, start, key_lo)
+
+    def alibi(self, q_pos: torch.Tensor, k_pos: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """The ALiBi bias (B, n_head, T, S) that replaces the boolean mask, in the model's dtype."""
+        return alibi_bias(alibi_slopes(self.config.n_head), q_pos, k_pos, allowed, self.model.norm.weight.dtype)
+
+    def _alibi_context(self, positions, valid, cache, start: int, end: int, key_lo: int,
+                       window: int | None) -> AttentionContext:
+        if cache is not None:
+            k_pos, k_valid = cache.positions[:, key_lo:end], cache.valid[:, key_lo:end]
+        else:
+            k_pos, k_valid = positions, valid
+        bias = self.alibi(positions, k_pos, attention_mask(positions, k_pos, k_valid, window))
+        return AttentionContext(None, bias, False, cache, start, key_lo)
 
 
 def column_major_linears(model: Transformer) -> Transformer:

@@ -35,12 +35,14 @@ def _contexts(model, positions: torch.Tensor, seq_ids: torch.Tensor | None) -> d
             out[kind] = sparse_context(model.config.sparse_patterns[kind], rope, positions, None, seq_ids=seq_ids)
             continue
         window = model.window(kind)
-        if seq_ids is None and (window is None or T <= window):
+        if seq_ids is None and (window is None or T <= window) and model.config.position != "alibi":
             out[kind] = AttentionContext(rope, None, True, None, 0, 0)
             continue
         mask = attention_mask(positions, positions, None, window)  # (B, 1, T, T)
         if seq_ids is not None:
             mask = mask & (seq_ids[:, :, None] == seq_ids[:, None, :])[:, None]
+        if model.config.position == "alibi":
+            mask = model.alibi(positions, positions, mask)
         out[kind] = AttentionContext(rope, mask, False, None, 0, 0)
     return out
 
