@@ -76,12 +76,16 @@ def test_scan_carries_state_across_segments_and_resets(monkeypatch):
     assert not torch.allclose(y, ssm.sequential_scan(u, delta, A, B, C, h0)[0])  # the resets mattered
 
 
-def test_scan_gradients_equal_loop():
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_scan_gradients_equal_loop(with_resets):
     inputs = scan_inputs(T=70, grad=True)
     weight = torch.randn(2, 70, 6)
-    y, h = selective_scan(*inputs)
+    resets = torch.zeros(2, 70, dtype=torch.bool)
+    if with_resets:
+        resets[0, 9], resets[1, 33] = True, True
+    y, h = selective_scan(*inputs, resets=resets)
     grads = torch.autograd.grad((y * weight).sum() + h.sum(), inputs)
-    y_ref, h_ref = reference_scan(*inputs)
+    y_ref, h_ref = reference_scan(*inputs, resets=resets)
     grads_ref = torch.autograd.grad((y_ref * weight.double()).sum() + h_ref.sum(), inputs)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g.double(), g_ref.double(), rtol=1e-3, atol=1e-4)
