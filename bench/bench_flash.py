@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("flash", "sdpa", "math")
-MATH_COPIES = 6  # (T, S) fp32 matrices math_attention holds at once in forward+backward (measured at 2k-4k)
+MATH_COPIES = 4  # (T, S) fp32 matrices math_attention holds at once in forward+backward (3.3 measured at 4k)
 
 
 # --- workers: one case in a fresh process -----------------------------------------------------
@@ -163,7 +163,7 @@ def cpu_table(result: dict, args) -> str:
         if t:
             for kind in ("fwd", "fwd_bwd"):
                 med, lo, hi = _ratio(t, kind)
-                cells += [f"{statistics.median(t['flash'][kind]):.2f}", f"{statistics.median(t['sdpa'][kind]):.2f}",
+                cells += [f"{statistics.median(t['flash'][kind]):.3f}", f"{statistics.median(t['sdpa'][kind]):.3f}",
                           f"{med:.2f}x ({lo:.2f}-{hi:.2f})"]
                 met = "met" if hi <= 1.5 else ("NOT met" if lo > 1.5 else "inconclusive (rounds straddle it)")
                 verdicts.append(f"- {T} tokens, {kind.replace('_', '+')}: flash/SDPA time {med:.2f}x "
