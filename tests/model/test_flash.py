@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lmforge.config import Config
+from lmforge.config import PRESETS, Config
 from lmforge.model import flash
 from lmforge.model.flash import flash_attention, lengths_to_valid, split_mask
 from lmforge.model.transformer import build_model
@@ -179,6 +179,14 @@ def test_model_logits_and_grads_equal_sdpa(name, flash_calls):
     grads = dict(ref.named_parameters())
     for n, p in got.named_parameters():
         torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if n.startswith("tiny-")))
+def test_every_tiny_preset_gives_sdpa_logits(name):
+    """Positions, MoE, hybrids, ALiBi (a float bias: SDPA runs it): attn_impl="flash" changes no logit."""
+    ref, got = _pair(name)
+    ids = torch.randint(0, min(256, ref.config.vocab_size), (2, 30))
+    torch.testing.assert_close(got(ids), ref(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_model_padding_and_cache_run_flash(flash_calls):
