@@ -93,18 +93,17 @@ def sequential_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: to
     return torch.stack(ys, dim=1), h
 
 
-def prefix_scan(a: torch.Tensor, b: torch.Tensor, want_a: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inclusive Hillis-Steele scan along dim 1 of the maps h -> a_t h + b_t: afterwards (a_t, b_t) is
-    maps 1..t composed, so b_t is the state at t from a zero state (log2 T passes; works on copies)."""
-    a, b = a.clone(), b.clone()
+    maps 1..t composed, so b_t is the state at t from a zero state (log2 T passes, into new tensors)."""
     step, T = 1, a.shape[1]
     while step < T:
-        # compose each map with the one `step` back: (a', b') then (a, b) = (a' a, a b' + b);
-        # each right-hand side is computed whole before it is written, so the overlap is safe
-        b[:, step:] += a[:, step:] * b[:, :-step]
-        if want_a or 2 * step < T:  # the last pass's a is needed only by a caller that wants a
-            a[:, step:] = a[:, step:] * a[:, :-step]
-        step *= 2
+        # compose each map with the one `step` back: (a', b') then (a, b) = (a' a, b + a b')
+        new_a, new_b = torch.empty_like(a), torch.empty_like(b)
+        new_a[:, :step], new_b[:, :step] = a[:, :step], b[:, :step]  # nothing `step` back: unchanged
+        torch.addcmul(b[:, step:], a[:, step:], b[:, :-step], out=new_b[:, step:])
+        torch.mul(a[:, step:], a[:, :-step], out=new_a[:, step:])
+        a, b, step = new_a, new_b, 2 * step
     return a, b
 
 
@@ -116,7 +115,7 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk: int 
     batch, T, D, N = a.shape
     if T <= chunk:
         a_in, b_in = prefix_scan(a, b)
-        return a_in * h0[:, None] + b_in
+        return torch.addcmul(b_in, a_in, h0[:, None])
     pad = (-T) % chunk
     if pad:  # identity maps (a = 1, b = 0) fill the last chunk
         a, b = F.pad(a, (0, 0, 0, 0, 0, pad), value=1.0), F.pad(b, (0, 0, 0, 0, 0, pad))
@@ -125,7 +124,7 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk: int 
     a_in, b_in = a_in.view(batch, n, chunk, D, N), b_in.view(batch, n, chunk, D, N)
     after = chunked_scan(a_in[:, :, -1], b_in[:, :, -1], h0, chunk)  # (batch, n, D, N): state after each chunk
     entering = torch.cat([h0[:, None], after[:, :-1]], dim=1)  # (batch, n, D, N)
-    states = a_in * entering[:, :, None] + b_in  # (batch, n, chunk, D, N)
+    states = torch.addcmul(b_in, a_in, entering[:, :, None])  # (batch, n, chunk, D, N)
     return states.view(batch, n * chunk, D, N)[:, :T]
 
 
