@@ -129,6 +129,10 @@ class ModelRunner:
     """Turns a scheduled Batch into logits for the sequences that sample this step."""
 
     def __init__(self, model, cache: PagedKVCache) -> None:
+        if model.config.arch != "transformer":
+            raise ValueError(f"the serving engine pages a KV cache; {model.config.name} is arch={model.config.arch!r}, "
+                             "whose Mamba layers keep a recurrent state instead: run it with `lmforge generate` or "
+                             "`lmforge chat` (lmforge.generation)")
         if model.config.sparse_patterns:
             raise ValueError("the serving engine's paged attention knows only full and sliding-window layers, not "
                              f"sparse_patterns {sorted(model.config.sparse_patterns)}; run sparse models with "

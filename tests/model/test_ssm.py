@@ -262,3 +262,26 @@ def test_config_derives_mixers_and_rank():
     with pytest.raises(ValueError, match="set arch='mamba'"):
         Config.from_name("tiny-llama", mixers=["mamba", "attention"])
     assert isinstance(MambaMixer(hybrid, 0).A_log, torch.nn.Parameter)
+
+
+def test_text_generation_and_streaming_run_on_the_state():
+    from lmforge.generation.generate import generate, stream
+    from tests.training.conftest import VOCAB, byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    model = build_mamba(Config.from_name("tiny-hybrid", vocab_size=VOCAB)).eval()
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    prompts = ["The state of the", "A"]
+    batched = generate(model, tokenizer, prompts, params)
+    alone = [generate(model, tokenizer, p, params)[0] for p in prompts]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    assert all(len(c.token_ids) == 10 for c in batched)
+    assert "".join(stream(model, tokenizer, prompts[0], params)) == batched[0].text
+
+
+def test_serving_engine_refuses_a_mamba_model():
+    from lmforge.serving.engine import Engine
+    from tests.training.conftest import byte_tokenizer
+
+    with pytest.raises(ValueError, match="pages a KV cache.*recurrent state"):
+        Engine(mamba("tiny-mamba"), byte_tokenizer())
