@@ -26,9 +26,9 @@ def peak_rss_mib() -> float:
 @torch.inference_mode()
 def time_prefill(model, ids: list[int]) -> float:
     """Seconds to run one prompt through the model into a fresh cache."""
-    from lmforge.generation.kv_cache import KVCache
+    from lmforge.generation.state_cache import make_cache
 
-    cache = KVCache(model.config, 1, len(ids) + 1)
+    cache = make_cache(model.config, 1, len(ids) + 1)  # a KV cache, or a Mamba model's recurrent state
     start = time.perf_counter()
     model(torch.tensor([ids]), cache=cache, last_only=True)
     return time.perf_counter() - start
