@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 NormKind = Literal["rmsnorm", "layernorm"]
-MLPKind = Literal["swiglu", "geglu", "gelu"]
+MLPKind = Literal["swiglu", "geglu", "gelu", "gelu_erf"]  # gelu: tanh-approximated (GPT-2); gelu_erf: exact (BERT)
 PositionKind = Literal["rope", "learned", "alibi", "sinusoidal"]
 RopeScaling = Literal["none", "linear", "llama3", "ntk", "dynamic", "yarn"]
 AttnImpl = Literal["sdpa", "math", "flash"]
-ArchKind = Literal["transformer", "mamba"]  # mamba: Mamba blocks, attention where `mixers` says (hybrid)
+ArchKind = Literal["transformer", "mamba", "encoder"]  # mamba: Mamba blocks, attention where `mixers` says (hybrid);
+# encoder: BERT-style bidirectional post-norm encoder (model/encoder.py)
 MixerKind = Literal["attention", "mamba"]
 BUILTIN_KINDS = {"global", "sliding"}  # layer kinds that need no sparse pattern
 # sparse pattern keys -> smallest value; the first five are the pattern's components (model/masks.py)
@@ -88,6 +89,9 @@ class Config:
     attn_layer_period: int = 0  # hybrid (Jamba): layer i attends when i % period == offset; 0 -> all Mamba
     attn_layer_offset: int = 0
     mixers: list[str] = field(default_factory=list)  # per layer "attention" | "mamba", derived
+    # Encoders (model/encoder.py): BERT's segment embeddings and masked-LM head, named as its config.json names them
+    type_vocab_size: int = 2  # token type (segment) ids; 0 -> no token type embeddings
+    mlm_head: bool = True  # the masked-LM head (cls.predictions); embedding-only checkpoints have none
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -116,6 +120,7 @@ class Config:
         self._check_moe()
         self._check_sparse()
         self._check_ssm()
+        self._check_encoder()
 
     def _check_moe(self) -> None:
         """Mixture-of-Experts fields: derive the expert width, refuse what the router cannot do."""
@@ -177,9 +182,9 @@ class Config:
             self.mixers = [self._mixer(i) for i in range(self.n_layer)]
         if len(self.mixers) != self.n_layer or set(self.mixers) - set(MixerKind.__args__):
             raise ValueError(f"mixers={self.mixers} must name {self.n_layer} layers, each one of {MixerKind.__args__}")
-        if self.arch == "transformer":
+        if self.arch != "mamba":
             if "mamba" in self.mixers:
-                raise ValueError("mixers names Mamba layers but arch='transformer'; set arch='mamba' for SSM and "
+                raise ValueError(f"mixers names Mamba layers but arch={self.arch!r}; set arch='mamba' for SSM and "
                                  "hybrid models")
             return
         for name in ("d_state", "d_conv", "expand", "dt_rank"):
@@ -197,7 +202,7 @@ class Config:
 
     def _mixer(self, i: int) -> str:
         """Layer i's sequence mixer: attention in a transformer, Mamba with attention every period-th layer."""
-        if self.arch == "transformer":
+        if self.arch != "mamba":
             return "attention"
         period = self.attn_layer_period
         return "attention" if period and i % period == self.attn_layer_offset else "mamba"
@@ -206,6 +211,30 @@ class Config:
     def d_inner(self) -> int:
         """The Mamba mixer's inner width (Hugging Face's intermediate_size of MambaConfig)."""
         return self.expand * self.n_embd
+
+    def _check_encoder(self) -> None:
+        """Encoder fields: what a BERT-style encoder (model/encoder.py) is built from, refused elsewhere."""
+        if self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size={self.type_vocab_size} must be >= 0 (0: no token type embeddings)")
+        if self.arch != "encoder":
+            return
+        required = {"position": "learned", "norm": "layernorm", "bias": True, "n_kv_head": self.n_head,
+                    "head_dim": self.n_embd // self.n_head}
+        for name, value in required.items():
+            if getattr(self, name) != value:
+                raise ValueError(f"{name}={getattr(self, name)!r} with arch='encoder': a BERT-style encoder has "
+                                 f"learned positions, LayerNorm, biases and n_embd split over its heads; set {name}={value!r}")
+        if self.mlp not in ("gelu_erf", "gelu"):
+            raise ValueError(f"mlp={self.mlp!r} with arch='encoder': its MLP is dense -> GELU -> dense; "
+                             "set mlp='gelu_erf' (BERT) or 'gelu' (tanh-approximated)")
+        unsupported = {"n_experts": self.n_experts, "sparse_patterns": self.sparse_patterns,
+                       "sliding_window": self.sliding_window, "qk_norm": self.qk_norm,
+                       "sandwich_norm": self.sandwich_norm, "embedding_scale": self.embedding_scale,
+                       "attn_logit_softcap": self.attn_logit_softcap, "final_logit_softcap": self.final_logit_softcap}
+        for name, value in unsupported.items():
+            if value:
+                raise ValueError(f"{name}={value!r} with arch='encoder': the encoder has full bidirectional attention "
+                                 f"and a dense MLP only; drop {name}")
 
     def _layer_type(self, i: int) -> str:
         if self.sliding_window and self.sliding_window_pattern:
@@ -278,6 +307,10 @@ QWEN_MOE_STYLE = dict(LLAMA_STYLE, tie_embeddings=False, rope_theta=1e6, norm_to
 # Mamba blocks: RMSNorm, tied embeddings, no biases but the conv's (Hugging Face MambaConfig defaults)
 MAMBA_STYLE = dict(LLAMA_STYLE, arch="mamba", d_state=16, d_conv=4, expand=2, block_size=1 << 20, norm_eps=1e-5)
 
+# BERT (Devlin et al. 2019): post-norm blocks, exact GELU, learned positions, token types, tied MLM decoder
+BERT_STYLE = dict(arch="encoder", norm="layernorm", mlp="gelu_erf", position="learned", bias=True, norm_eps=1e-12,
+                  type_vocab_size=2, tie_embeddings=True)
+
 _TINY = dict(vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, block_size=512)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -325,4 +358,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Jamba-style hybrid (Lieber et al. 2024): one attention block (with its MLP) every 4th layer, Mamba elsewhere
     "tiny-hybrid": dict(MAMBA_STYLE, vocab_size=256, n_layer=4, n_embd=64, n_head=4, n_kv_head=2,
                         intermediate_size=128, block_size=4096, attn_layer_period=4, attn_layer_offset=2),
+    "tiny-bert": dict(BERT_STYLE, vocab_size=256, n_layer=2, n_embd=64, n_head=4, intermediate_size=128, block_size=128),
+    # google-bert/bert-base-uncased
+    "bert-base-uncased": dict(BERT_STYLE, vocab_size=30522, n_layer=12, n_embd=768, n_head=12, intermediate_size=3072,
+                              block_size=512),
+    # sentence-transformers/all-MiniLM-L6-v2 (the RAG embedder; its checkpoint has no MLM head)
+    "all-minilm-l6-v2": dict(BERT_STYLE, vocab_size=30522, n_layer=6, n_embd=384, n_head=12, intermediate_size=1536,
+                             block_size=512, mlm_head=False),
 }

@@ -24,7 +24,15 @@ OTHER_SSM_TYPES = {
     "bamba": "Bamba (Mamba-2 mixers)", "zamba": "Zamba (shared attention blocks)",
     "zamba2": "Zamba2 (Mamba-2 mixers)", "falcon_h1": "Falcon-H1 (Mamba-2 mixers in parallel with attention)",
 }
-FAMILY_PREFIXES = {"mamba": ("backbone.",), "transformer": ("model.", "transformer.h.", "transformer.wte.")}
+FAMILY_PREFIXES = {"mamba": ("backbone.",), "transformer": ("model.", "transformer.h.", "transformer.wte."),
+                   "encoder": ("embeddings.word_embeddings.", "encoder.layer.", "cls.predictions.")}
+# each family's checkpoint, by the names that give it away, and what a config of it builds
+FAMILY_NAMES = {"mamba": ("a Mamba checkpoint (backbone.layers.N.mixer.*)", "a Mamba model (arch='mamba')",
+                          "tiny-mamba, mamba-130m"),
+                "transformer": ("a transformer checkpoint (model.layers.N.self_attn.*)", "a transformer",
+                                "tiny-llama, smollm2-135m"),
+                "encoder": ("a BERT-style encoder checkpoint (encoder.layer.N.attention.*)",
+                            "a BERT-style encoder (arch='encoder')", "tiny-bert, all-minilm-l6-v2")}
 
 
 def mamba_config(cfg: dict[str, Any], name: str) -> Config:
@@ -63,7 +71,7 @@ def hf_mamba_config(config: Config) -> dict[str, Any]:
 
 
 def checkpoint_family(names) -> str | None:
-    """'mamba' or 'transformer' from a checkpoint's tensor names; None when they name neither."""
+    """'mamba', 'transformer' or 'encoder' from a checkpoint's tensor names; None when they name none."""
     for family, prefixes in FAMILY_PREFIXES.items():
         if any(name.startswith(prefixes) for name in names):
             return family
@@ -73,13 +81,9 @@ def checkpoint_family(names) -> str | None:
 def check_family(config: Config, names, source: str) -> None:
     """Refuse a checkpoint whose tensors belong to another model family than the config builds."""
     family = checkpoint_family(names)
-    wanted = "mamba" if config.arch == "mamba" else "transformer"
+    wanted = config.arch if config.arch in FAMILY_NAMES else "transformer"
     if family is None or family == wanted:
         return
-    if family == "mamba":
-        raise CheckpointError(f"{source} is a Mamba checkpoint (backbone.layers.N.mixer.*) but the config "
-                              f"{config.name!r} builds a transformer; load it with its own config.json "
-                              "(model_type 'mamba') or a Mamba preset (tiny-mamba, mamba-130m)")
-    raise CheckpointError(f"{source} is a transformer checkpoint (model.layers.N.self_attn.*) but the config "
-                          f"{config.name!r} builds a Mamba model (arch='mamba'); load it with its own config.json "
-                          "or a transformer preset")
+    what, _, presets = FAMILY_NAMES[family]
+    raise CheckpointError(f"{source} is {what} but the config {config.name!r} builds {FAMILY_NAMES[wanted][1]}; "
+                          f"load it with its own config.json or a preset of its family ({presets})")

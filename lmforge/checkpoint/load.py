@@ -73,10 +73,10 @@ def assign_state(config: Config, state: dict[str, torch.Tensor | BlockTensor], s
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)  # no copy when already there
              for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
+    if config.tie_embeddings and config.arch != "encoder":  # an encoder's MLM head reads the embedding itself
         _tie(model)
     # decode_layout reads lm_head.weight, which a GGUFLinear would dequantize; blocks have one layout
-    return model.eval() if native or config.arch == "mamba" else decode_layout(model).eval()
+    return model.eval() if native or config.arch != "transformer" else decode_layout(model).eval()
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -49,8 +49,9 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def build_key() -> str:
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES))
+def build_key(sources: list[Path] = SOURCES) -> str:
+    """The cache key of a build: its sources, torch and Python versions, flags and this CPU's features."""
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources))
     for part in (torch.__version__, sys.version, " ".join(FLAGS), _cpu_flags()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
@@ -63,15 +64,15 @@ def _import(path: Path, name: str) -> ModuleType:
     return module
 
 
-def _build(directory: Path, name: str) -> ModuleType:
+def _build(directory: Path, name: str, sources: list[Path] = SOURCES, what: str = "CPU decode kernels") -> ModuleType:
     from torch.utils.cpp_extension import load
 
     directory.mkdir(parents=True, exist_ok=True)
     scripts = str(Path(sys.executable).parent)  # pip's ninja lives beside python, maybe not on PATH
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-    print(f"lmforge: compiling the CPU decode kernels once into {directory} (about 25 s)", file=sys.stderr)
-    return load(name, [str(path) for path in SOURCES if path.suffix == ".cpp"], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+    print(f"lmforge: compiling the {what} once into {directory} (about 25 s)", file=sys.stderr)
+    return load(name, [str(path) for path in sources if path.suffix == ".cpp"], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                 build_directory=str(directory), verbose=False)
 
 

@@ -31,16 +31,17 @@ class GatedMLP(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """proj(gelu(fc(x))) with the tanh approximation GPT-2 was trained with."""
+    """proj(gelu(fc(x))) with the tanh approximation GPT-2 was trained with (exact erf for mlp='gelu_erf')."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
         self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.approximate = "none" if config.mlp == "gelu_erf" else "tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
 
 def build_mlp(config: Config) -> nn.Module:
-    return GeluMLP(config) if config.mlp == "gelu" else GatedMLP(config)
+    return GeluMLP(config) if config.mlp in ("gelu", "gelu_erf") else GatedMLP(config)

@@ -238,11 +238,16 @@ def decode_layout(model: Transformer) -> Transformer:
 
 
 def model_class(config: Config) -> type[nn.Module]:
-    """The module that builds a config: Transformer, or MambaLM for arch='mamba' (model/mamba.py)."""
+    """The module that builds a config: Transformer, MambaLM for arch='mamba' (model/mamba.py), or
+    Encoder for arch='encoder' (model/encoder.py)."""
     if config.arch == "mamba":
         from lmforge.model.mamba import MambaLM  # model/mamba.py builds on this module's Block
 
         return MambaLM
+    if config.arch == "encoder":
+        from lmforge.model.encoder import Encoder  # model/encoder.py uses this module's helpers
+
+        return Encoder
     return Transformer
 
 
@@ -252,6 +257,10 @@ def build_model(config: Config, device: torch.device | str = "cpu") -> Transform
         from lmforge.model.mamba import build_mamba
 
         return build_mamba(config, device)
+    if config.arch == "encoder":
+        from lmforge.model.encoder import build_encoder
+
+        return build_encoder(config, device)
     with torch.device(device):
         model = Transformer(config)
     if device != "meta":
