@@ -20,6 +20,7 @@ from lmforge.model.masks import attention_mask
 from lmforge.model.moe import load_balancing_loss, recomputation, router_z_loss, take_router_logits
 from lmforge.model.sparse import sparse_context
 from lmforge.training.data import IGNORE_INDEX
+from lmforge.training.mlm import mlm_loss
 
 Objective = Callable[[nn.Module, dict], torch.Tensor]
 LOGIT_CHUNK = 256  # label rows per lm_head chunk: (256, 49152) fp32 logits = 48 MiB at a time
@@ -136,8 +137,10 @@ def token_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def count_loss_tokens(batch: dict) -> int:
-    """Tokens that carry a next-token label in this micro-batch."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    """Tokens that carry a label in this micro-batch: next-token labels from position 1 on, or where they
+    stand with batch["label_shift"] == 0 (masked-LM, training/mlm.py)."""
+    shift = int(batch.get("label_shift", 1))
+    return int((batch["labels"][:, shift:] != IGNORE_INDEX).sum())
 
 
 def sft_loss(model, batch: dict) -> torch.Tensor:
@@ -159,4 +162,4 @@ def pretrain_loss(model, batch: dict) -> torch.Tensor:
     return sft_loss(model, batch)
 
 
-OBJECTIVES: dict[str, Objective] = {"sft": sft_loss, "pretrain": pretrain_loss}
+OBJECTIVES: dict[str, Objective] = {"sft": sft_loss, "pretrain": pretrain_loss, "mlm": mlm_loss}
