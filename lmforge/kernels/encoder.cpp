@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "encoder_attention.h"
+#include "encoder_gemm.h"
 #include "vecmath.h"
 
 namespace lmforge {
@@ -31,7 +32,24 @@ inline __m512 erf16(__m512 x) {
   const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, _mm512_set1_ps(1.f));
   return _mm512_or_ps(y, sign);
 }
+
+// exact GELU: 0.5 x (1 + erf(x / sqrt 2))
+inline __m512 gelu16(__m512 x) {
+  const __m512 e = erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+  return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
 #endif
+
+inline float gelu1(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f)); }
+
+// gelu(v + bias) on 16 lanes or one value at column j: what the MLP's down projection reads.
+struct BiasGelu {
+  const float* bias;
+#if defined(__AVX512F__)
+  __m512 operator()(__m512 v, int64_t j) const { return gelu16(_mm512_add_ps(v, _mm512_loadu_ps(bias + j))); }
+#endif
+  float operator()(float v, int64_t j) const { return gelu1(v + bias[j]); }
+};
 
 // sum of x[0..n) in 16 lane sums, then across lanes (a float reduction the compiler will not vectorize).
 inline float sum(const float* x, int64_t n) {
@@ -85,17 +103,9 @@ void bias_gelu_(torch::Tensor h, const torch::Tensor& b) {
       float* row = hp + r * n;
       int64_t i = 0;
 #if defined(__AVX512F__)
-      const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f), inv_sqrt2 = _mm512_set1_ps(0.70710678118654752f);
-      for (; i + 16 <= n; i += 16) {
-        const __m512 x = _mm512_add_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(bp + i));
-        const __m512 g = _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, erf16(_mm512_mul_ps(x, inv_sqrt2))));
-        _mm512_storeu_ps(row + i, g);
-      }
+      for (; i + 16 <= n; i += 16) _mm512_storeu_ps(row + i, gelu16(_mm512_add_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(bp + i))));
 #endif
-      for (; i < n; ++i) {
-        const float x = row[i] + bp[i];
-        row[i] = 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
-      }
+      for (; i < n; ++i) row[i] = gelu1(row[i] + bp[i]);
     }
   });
 }
@@ -153,6 +163,50 @@ torch::Tensor varlen_attention(const torch::Tensor& qkv, const torch::Tensor& bi
   return out;
 }
 
+// W (N, K) fp32 -> its bf16x3 tiles for linear_bf16x3 (N and K multiples of 32).
+torch::Tensor pack_bf16x3(const torch::Tensor& w) {
+  check_rows(w, "weight");
+  const int64_t n = w.size(0), k = w.size(1);
+  TORCH_CHECK(amx_available(), "this CPU (or kernel) offers no AMX-BF16 tiles; use torch.mm");
+  TORCH_CHECK(n % 32 == 0 && k % 32 == 0, "weight ", n, "x", k, ": both sides must be multiples of 32");
+  auto out = torch::empty({n / 16, 3 * k / 32, 16, 32}, torch::kInt16);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  pack_weight_bf16x3(w.data_ptr<float>(), n, k, reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>()));
+#endif
+  return out;
+}
+
+// y (M, N) = f(x) (M, K) @ W^T on AMX, W packed by pack_bf16x3, f applied while x is split into bf16 pairs.
+template <class F>
+torch::Tensor run_bf16x3(const torch::Tensor& x, const torch::Tensor& packed, int64_t n, F f) {
+  check_rows(x, "x");
+  const int64_t m = x.size(0), k = x.size(1), mp = (m + 31) / 32 * 32;
+  TORCH_CHECK(amx_available(), "this CPU (or kernel) offers no AMX-BF16 tiles; use torch.mm");
+  TORCH_CHECK(packed.scalar_type() == torch::kInt16 && packed.is_contiguous() && packed.dim() == 4 &&
+                  packed.size(0) * 16 == n && packed.size(1) * 32 == 3 * k,
+              "packed weight does not match x's ", k, " features and ", n, " outputs; pack it with pack_bf16x3");
+  auto y = torch::empty({mp, n}, x.options());
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  auto a = torch::empty({mp, split_stride(k)}, torch::kInt16);
+  auto* ap = reinterpret_cast<uint16_t*>(a.data_ptr<int16_t>());
+  split_rows(x.data_ptr<float>(), m, k, mp, ap, f);
+  gemm_bf16x3(ap, mp, k, reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>()), n, y.data_ptr<float>());
+#endif
+  return y.narrow(0, 0, m);
+}
+
+// y = x @ W^T in fp32 as three bf16 products on AMX.
+torch::Tensor linear_bf16x3(const torch::Tensor& x, const torch::Tensor& packed, int64_t n) {
+  return run_bf16x3(x, packed, n, Identity{});
+}
+
+// y = gelu(h + bias) @ W^T: the MLP's activation computed while h is split, so it is never written back.
+torch::Tensor gelu_linear_bf16x3(const torch::Tensor& h, const torch::Tensor& bias, const torch::Tensor& packed,
+                                 int64_t n) {
+  check_vector(bias, h.size(1), "bias");
+  return run_bf16x3(h, packed, n, BiasGelu{bias.data_ptr<float>()});
+}
+
 }  // namespace
 }  // namespace lmforge
 
@@ -160,4 +214,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_", &lmforge::bias_gelu_, "h = gelu(h + b) in place (exact erf GELU)");
   m.def("add_layernorm_", &lmforge::add_layernorm_, "x = LayerNorm(x + y + b) in place, row by row");
   m.def("varlen_attention", &lmforge::varlen_attention, "bidirectional attention over packed sequences");
+  m.def("amx_available", &lmforge::amx_available, "whether AMX-BF16 tiles can run here");
+  m.def("pack_bf16x3", &lmforge::pack_bf16x3, "a linear weight as bf16x3 tiles for linear_bf16x3");
+  m.def("linear_bf16x3", &lmforge::linear_bf16x3, "x @ W^T in fp32 as three bf16 products on AMX");
+  m.def("gelu_linear_bf16x3", &lmforge::gelu_linear_bf16x3, "gelu(h + bias) @ W^T, the GELU fused into the split");
 }

@@ -16,7 +16,8 @@ from types import ModuleType
 
 from lmforge.kernels import gemv
 
-SOURCES = [Path(__file__).with_name(name) for name in ("encoder.cpp", "encoder_attention.h", "vecmath.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("encoder.cpp", "encoder_attention.h", "encoder_gemm.h",
+                                                       "vecmath.h")]
 
 
 @functools.lru_cache(maxsize=1)

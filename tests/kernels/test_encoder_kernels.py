@@ -1,5 +1,6 @@
 """lmforge's fused encoder kernels against plain torch: bias + exact GELU, bias + residual + LayerNorm,
-and attention over packed variable-length sequences (every tile shape, one-token sequences)."""
+attention over packed variable-length sequences (every tile shape, one-token sequences), and the
+bf16x3 AMX products against the exact (float64) product."""
 
 import pytest
 import torch
@@ -50,6 +51,35 @@ def test_varlen_attention_equals_sdpa_per_sequence(d, n_head):
     qkv, bias = torch.randn(sum(lengths), 3 * d), torch.randn(3 * d)
     out = ext.varlen_attention(qkv, bias, cu, n_head, (d // n_head) ** -0.5)
     torch.testing.assert_close(out, reference(qkv, bias, lengths, n_head), rtol=1e-5, atol=1e-5)
+
+
+amx = pytest.mark.skipif(ext is None or not ext.amx_available(), reason="this CPU has no AMX-BF16 tiles")
+
+
+@amx
+@pytest.mark.parametrize("m, k, n", [(1, 384, 384), (37, 64, 96), (300, 384, 1152), (129, 1536, 384), (64, 2048, 32)])
+def test_linear_bf16x3_is_within_1e_5_of_the_exact_product(m, k, n):
+    """Three bf16 products accumulated in fp32 on AMX: rows not a multiple of 32 (padded tiles), K of
+    several 1152-long stretches (the carried accumulators)."""
+    torch.manual_seed(3)
+    x, w, b = torch.randn(m, k), torch.randn(n, k) * 0.05, torch.randn(k)
+    packed = ext.pack_bf16x3(w)
+    exact = x.double() @ w.double().t()
+    y = ext.linear_bf16x3(x, packed, n)
+    assert y.shape == (m, n) and y.is_contiguous()
+    assert float((y.double() - exact).abs().max() / exact.abs().max()) < 1e-5
+    assert float((x @ w.t() - y).abs().max() / exact.abs().max()) < 2e-5  # fp32 is ~1e-6 from exact
+    gelu_exact = F.gelu(x.double() + b.double()) @ w.double().t()
+    g = ext.gelu_linear_bf16x3(x, b, packed, n)
+    assert float((g.double() - gelu_exact).abs().max() / gelu_exact.abs().max()) < 1e-5
+
+
+@amx
+def test_bf16x3_refuses_shapes_it_cannot_tile():
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        ext.pack_bf16x3(torch.randn(48, 64))
+    with pytest.raises(RuntimeError, match="packed weight does not match"):
+        ext.linear_bf16x3(torch.randn(4, 96), ext.pack_bf16x3(torch.randn(64, 64)), 64)
 
 
 def test_bad_shapes_are_refused():

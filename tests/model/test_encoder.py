@@ -86,26 +86,57 @@ def test_pooling_mean_over_real_tokens_or_cls_and_unit_norm():
 
 needs_kernels = pytest.mark.skipif(not encoder_fused.usable(build_encoder(Config.from_name("tiny-bert"))),
                                    reason="lmforge's encoder kernels could not be built here")
+PRECISIONS = ["fp32", pytest.param("bf16x3", marks=pytest.mark.skipif(
+    encoder_fused.default_precision() != "bf16x3", reason="this CPU has no AMX-BF16 tiles"))]
+TOLERANCE = {"fp32": 1e-5, "bf16x3": 1e-4}  # bf16x3 GEMMs are within ~5e-6 relative of fp32's
 
 
 @needs_kernels
 @pytest.mark.parametrize("overrides", [dict(), dict(n_embd=48, n_head=4, mlp="gelu"), dict(n_embd=96, n_head=2)],
                          ids=["head_dim-16", "head_dim-12-tanh", "head_dim-48"])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_packed_fused_path_equals_padded_forward(overrides, pooling):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_packed_fused_path_equals_padded_forward(overrides, pooling, precision):
+    """n_embd 48 also runs its linears whose sides are not multiples of 32 on MKL under bf16x3."""
     torch.manual_seed(2)
     model = build_encoder(Config.from_name("tiny-bert", **overrides)).eval()
     lengths = [1, 3, 8, 9, 17, 40, 33]  # ragged: query blocks of 8 with tails, one-token sequences
     seqs = [torch.randint(0, 256, (n,)).tolist() for n in lengths]
     packed = encoder_fused.pack(seqs)
-    fused = encoder_fused.fused_hidden_states(model, packed)
+    fused = encoder_fused.fused_hidden_states(model, packed, precision)
+    tol = 10 * TOLERANCE[precision]
     with torch.no_grad():
         for i, s in enumerate(seqs):
             alone = model(torch.tensor([s]))[0]
-            torch.testing.assert_close(fused[packed.cu_seqlens[i]:packed.cu_seqlens[i + 1]], alone, rtol=1e-4, atol=1e-4)
-    vectors = encoder_fused.sentence_embeddings(model, seqs, pooling, batch_size=3)
-    padded = encoder_fused._padded(model, seqs, pooling, True)
-    torch.testing.assert_close(vectors, padded, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fused[packed.cu_seqlens[i]:packed.cu_seqlens[i + 1]], alone, rtol=tol, atol=tol)
+    vectors = encoder_fused.sentence_embeddings(model, seqs, pooling, batch_size=3, precision=precision, max_tokens=50)
+    padded = encoder_fused.sentence_embeddings(model, seqs, pooling, batch_size=3, fused=False)
+    torch.testing.assert_close(vectors, padded, rtol=TOLERANCE[precision], atol=TOLERANCE[precision])
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fused_weights_follow_changed_parameters(precision):
+    """The fused path keeps its prepared (fused, packed) weights per model, and rebuilds them when a
+    parameter changes in place."""
+    model = build_encoder(Config.from_name("tiny-bert")).eval()
+    seqs = [[1, 2, 3, 4], [5, 6]]
+    before = encoder_fused.sentence_embeddings(model, seqs, precision=precision)
+    with torch.no_grad():
+        model.encoder.layer[0].intermediate.dense.weight.mul_(3.0)
+    after = encoder_fused.sentence_embeddings(model, seqs, precision=precision)
+    padded = encoder_fused.sentence_embeddings(model, seqs, fused=False)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, padded, rtol=TOLERANCE[precision], atol=TOLERANCE[precision])
+    with pytest.raises(ValueError, match="precision='fp16' must be 'fp32' or 'bf16x3'"):
+        encoder_fused.sentence_embeddings(model, seqs, precision="fp16")
+
+
+def test_batches_hold_at_most_batch_size_sequences_and_max_tokens():
+    lengths = [5, 1, 7, 3, 9, 2]
+    order = sorted(range(6), key=lengths.__getitem__)
+    assert encoder_fused.batches(order, lengths, 2, 100) == [[1, 5], [3, 0], [2, 4]]
+    assert encoder_fused.batches(order, lengths, 10, 10) == [[1, 5, 3], [0], [2], [4]]
 
 
 def test_gradient_checkpointing_changes_no_gradient():
