@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.atomic import atomic_write, atomic_write_text
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.gguf_blocks import float_state_dict
-from lmforge.checkpoint.hf_bert import BERT_TYPES, bert_config, bert_state
+from lmforge.checkpoint.hf_bert import BERT_TYPES, bert_config, bert_state, hf_bert_config, hf_bert_state
 from lmforge.checkpoint.hf_mamba import MAMBA_TYPES, OTHER_SSM_TYPES, hf_mamba_config, mamba_config, mamba_state
 from lmforge.checkpoint.hf_moe import MOE_TYPES, hf_moe_fields, moe_fields, stack_experts, unstack_experts
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
@@ -201,13 +201,11 @@ def _from_gpt2(raw: dict[str, torch.Tensor], config: Config) -> dict[str, torch.
 
 
 def save_hf(model, path: str | Path) -> Path:
-    """Write a LLaMA-style, Gemma 3, Mixtral or Qwen2-MoE model as config.json + model.safetensors
-    (atomically)."""
+    """Write a LLaMA-style, Gemma 3, Mixtral, Qwen2-MoE, Mamba or BERT model as config.json +
+    model.safetensors (atomically)."""
     path = Path(path)
     config: Config = model.config
-    if config.arch == "encoder":
-        raise ValueError("save_hf writes decoders (LLaMA-style, Gemma 3, MoE, Mamba); encoders are not written yet")
-    if config.position != "rope":
+    if config.position != "rope" and config.arch != "encoder":
         raise ValueError("save_hf writes LLaMA-style and Gemma 3 models; GPT-2 export is not supported yet")
     if config.sparse_patterns:
         raise ValueError(f"save_hf: sparse_patterns {sorted(config.sparse_patterns)} have no Hugging Face config "
@@ -220,6 +218,8 @@ def save_hf(model, path: str | Path) -> Path:
                          f"adapters (LoRA) first; a quantized model is exported from its float source")
     if config.n_experts:  # the hub's per-expert layout, which every transformers version reads
         state = unstack_experts(state, config)
+    if config.arch == "encoder":  # BertModel's names, under "bert." beside an MLM head
+        state = hf_bert_state(state, config)
     path.mkdir(parents=True, exist_ok=True)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -271,6 +271,8 @@ def _hf_rope(config: Config) -> dict[str, Any]:
 def hf_config(config: Config) -> dict[str, Any]:
     if config.arch == "mamba":
         return hf_mamba_config(config)
+    if config.arch == "encoder":
+        return hf_bert_config(config)
     gemma = config.sandwich_norm
     cfg: dict[str, Any] = dict(
         model_type="gemma3_text" if gemma else "llama", architectures=["Gemma3ForCausalLM" if gemma else

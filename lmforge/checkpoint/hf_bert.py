@@ -1,10 +1,10 @@
 """BERT checkpoints in the Hugging Face layout (BertModel, BertForMaskedLM, BertForPreTraining, and
-sentence-transformers folders such as all-MiniLM-L6-v2).
+sentence-transformers folders such as all-MiniLM-L6-v2), read and written.
 
 Tensor names are already lmforge's (model/encoder.py names its parameters as BertModel does). The
-one mapping: BertForMaskedLM/BertForPreTraining keep the encoder under "bert.", which is dropped.
-Tensors lmforge does not build are skipped by name (SKIPPED); any other name reaches the loader,
-which refuses it as unexpected.
+one mapping: BertForMaskedLM/BertForPreTraining keep the encoder under "bert.", which is dropped on
+reading and added on writing a model with an MLM head. Tensors lmforge does not build are skipped
+by name (SKIPPED); any other name reaches the loader, which refuses it as unexpected.
 """
 
 from __future__ import annotations
@@ -70,3 +70,25 @@ def bert_state(raw: dict[str, torch.Tensor], config: Config) -> dict[str, torch.
             continue
         out[name] = tensor
     return out
+
+
+def hf_bert_config(config: Config) -> dict[str, Any]:
+    """config.json for an encoder, read by transformers' BertConfig (BertForMaskedLM with an MLM head)."""
+    if not config.type_vocab_size:
+        raise ValueError("type_vocab_size=0: Hugging Face's BERT always has token type embeddings; "
+                         "build the encoder with type_vocab_size >= 1 to export it")
+    act = {"gelu_erf": "gelu", "gelu": "gelu_new"}[config.mlp]
+    return dict(model_type="bert", architectures=["BertForMaskedLM" if config.mlm_head else "BertModel"],
+                vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
+                num_attention_heads=config.n_head, intermediate_size=config.intermediate_size,
+                max_position_embeddings=config.block_size, type_vocab_size=config.type_vocab_size,
+                layer_norm_eps=config.norm_eps, hidden_act=act, position_embedding_type="absolute",
+                tie_word_embeddings=config.tie_embeddings, pad_token_id=0, torch_dtype="float32")
+
+
+def hf_bert_state(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+    """lmforge's encoder tensors under BertForMaskedLM's names ("bert." before all but the head), or
+    BertModel's (as they are) without a head."""
+    if not config.mlm_head:
+        return dict(state)
+    return {name if name.startswith("cls.") else f"bert.{name}": tensor for name, tensor in state.items()}

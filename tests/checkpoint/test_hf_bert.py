@@ -82,9 +82,24 @@ def test_decoder_checkpoint_given_to_an_encoder_preset(tmp_path):
         assign_state(Config.from_name("tiny-bert"), state, str(tmp_path))
 
 
-def test_encoders_are_not_written_as_decoders(tmp_path):
-    with pytest.raises(ValueError, match="encoders are not written yet"):
-        save_hf(build_model(Config.from_name("tiny-bert")), tmp_path)
+@pytest.mark.parametrize("head", [True, False], ids=["BertForMaskedLM", "BertModel"])
+def test_saved_encoder_loads_in_transformers_and_back(tmp_path, head):
+    torch.manual_seed(4)
+    model = build_model(Config.from_name("tiny-bert", mlm_head=head, mlp="gelu", type_vocab_size=3)).eval()
+    save_hf(model, tmp_path)
+    ref = getattr(transformers, "BertForMaskedLM" if head else "BertModel").from_pretrained(tmp_path).eval()
+    again = load_model(tmp_path)
+    ids, mask, types = inputs()
+    with torch.no_grad():
+        hidden = model(ids, mask, types)
+        out = ref(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        real = mask.bool()
+        torch.testing.assert_close(out.hidden_states[-1][real], hidden[real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again(ids, mask, types), hidden)
+        if head:
+            torch.testing.assert_close(out.logits[real], model.mlm_logits(hidden)[real], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="type_vocab_size=0"):
+        save_hf(build_model(Config.from_name("tiny-bert", type_vocab_size=0)), tmp_path / "none")
 
 
 @pytest.mark.parametrize("change, message", [
