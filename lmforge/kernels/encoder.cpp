@@ -1,10 +1,12 @@
 // Fused CPU kernels for BERT-style encoder inference on packed tokens (no padding rows).
 //
-// The linear layers stay MKL GEMMs without bias (torch.mm); what torch would do around them in
-// separate memory passes is fused here: the bias and exact GELU of the MLP's wide activation in one
-// pass, bias + residual + LayerNorm in one pass per row, and attention over variable-length
-// sequences (cu_seqlens, as FlashAttention's varlen API) reading q/k/v straight from the fused QKV
-// product with its bias, so no padding is ever computed and no mask is built.
+// The linear layers run without bias, as MKL GEMMs (torch.mm) or, on CPUs with AMX, as bf16x3 products
+// on the tile unit (encoder_gemm.h); what torch would do around them in separate memory passes is
+// fused here: the bias and exact GELU of the MLP's wide activation in one pass (or inside the split
+// for the AMX down projection), bias + residual + LayerNorm in one pass per row, and attention over
+// variable-length sequences (cu_seqlens, as FlashAttention's varlen API; encoder_attention.h) reading
+// q/k/v straight from the fused QKV product with its bias, so no padding is ever computed and no mask
+// is built.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 

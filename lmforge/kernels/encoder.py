@@ -1,5 +1,6 @@
 """lmforge's fused CPU kernels for encoder inference (encoder.cpp): bias + GELU, bias + residual +
-LayerNorm, and attention over packed variable-length sequences.
+LayerNorm, attention over packed variable-length sequences (encoder_attention.h), and fp32 linears as
+bf16x3 products on AMX tiles where the CPU has them (encoder_gemm.h).
 
 Built like the decode kernels (gemv.py: torch's extension builder on first use, cached per source,
 torch version and CPU), but as their own small library, so neither rebuilds when the other changes.
