@@ -113,7 +113,16 @@ def test_packed_examples_see_only_themselves():
             start += ids.shape[1]
 
 
-def test_tiny_encoder_mlm_loss_goes_down(tmp_path):
+@pytest.fixture
+def one_thread():
+    """A 64-wide model gains nothing from a second thread, and on a shared machine each tiny op would wait for it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_encoder_mlm_loss_goes_down(tmp_path, one_thread):
     words = "the cat sat on the mat and the dog ran to the park while the bird sang in the tree".split()
     texts = [" ".join(words[i:i + 8]) for i in range(0, len(words) - 8)] * 4
     model = _tiny(block_size=64)
