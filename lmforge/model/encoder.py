@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import Config
 from lmforge.model.attention import math_attention, sdpa_attention
 from lmforge.model.linear import Linear
-from lmforge.model.transformer import _embedding, init_weights
+from lmforge.model.block import init_weights, uninitialised_embedding
 
 Pooling = Literal["mean", "cls"]
 
@@ -33,9 +33,9 @@ class Embeddings(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.word_embeddings = _embedding(config.vocab_size, config.n_embd)
-        self.position_embeddings = _embedding(config.block_size, config.n_embd)
-        self.token_type_embeddings = (_embedding(config.type_vocab_size, config.n_embd)
+        self.word_embeddings = uninitialised_embedding(config.vocab_size, config.n_embd)
+        self.position_embeddings = uninitialised_embedding(config.block_size, config.n_embd)
+        self.token_type_embeddings = (uninitialised_embedding(config.type_vocab_size, config.n_embd)
                                       if config.type_vocab_size else None)
         self.LayerNorm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
 

@@ -27,7 +27,7 @@ from lmforge.model.masks import attention_mask
 from lmforge.model.norm import build_norm
 from lmforge.model.rope import rope_cache
 from lmforge.model.ssm import MambaMixer, SSMState
-from lmforge.model.transformer import Block, _embedding, init_weights
+from lmforge.model.block import Block, init_weights, uninitialised_embedding
 
 
 @dataclass
@@ -57,7 +57,7 @@ class MambaBackbone(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.embeddings = _embedding(config.vocab_size, config.n_embd)
+        self.embeddings = uninitialised_embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(MambaBlock(config, i) if kind == "mamba" else Block(config, i)
                                     for i, kind in enumerate(config.mixers))
         self.norm_f = build_norm(config)

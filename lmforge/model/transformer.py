@@ -13,45 +13,14 @@ from torch import nn
 
 from lmforge.config import Config
 from lmforge.model.alibi import alibi_bias, alibi_slopes
-from lmforge.model.attention import Attention, AttentionContext, KVContext
+from lmforge.model.attention import AttentionContext
+from lmforge.model.block import Block, init_weights, uninitialised_embedding
 from lmforge.model.linear import Linear
 from lmforge.model.masks import attention_mask
-from lmforge.model.mlp import build_mlp
-from lmforge.model.moe import Experts, MoE
 from lmforge.model.norm import build_norm
 from lmforge.model.rope import rope_cache
 from lmforge.model.sparse import sparse_context
 from lmforge.model.sinusoidal import sinusoidal_positions
-
-
-class Block(nn.Module):
-    """Pre-norm residual block; with `sandwich_norm` the sublayer outputs are normed too (Gemma)."""
-
-    def __init__(self, config: Config, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
-        self.input_layernorm = build_norm(config)
-        self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = build_norm(config)
-        self.mlp = MoE(config, layer_idx) if config.is_moe_layer(layer_idx) else build_mlp(config)
-        self.sandwich = config.sandwich_norm
-        if self.sandwich:
-            self.pre_feedforward_layernorm = build_norm(config)
-            self.post_feedforward_layernorm = build_norm(config)
-
-    def forward(self, x: torch.Tensor, ctx: KVContext) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), ctx)
-        if self.sandwich:
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def _embedding(num: int, dim: int) -> nn.Embedding:
-    """An uninitialised embedding (`init_weights` or a checkpoint fills it); nn.Embedding's own
-    init would also pull in torch._dynamo on the meta device, a second of start-up."""
-    return nn.Embedding.from_pretrained(torch.empty(num, dim), freeze=False)
 
 
 class Backbone(nn.Module):
@@ -59,9 +28,9 @@ class Backbone(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.embed_tokens = _embedding(config.vocab_size, config.n_embd)
+        self.embed_tokens = uninitialised_embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
-            self.embed_positions = _embedding(config.block_size, config.n_embd)
+            self.embed_positions = uninitialised_embedding(config.block_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = build_norm(config)
 
@@ -266,15 +235,3 @@ def build_model(config: Config, device: torch.device | str = "cpu") -> Transform
     if device != "meta":
         init_weights(model)
     return model
-
-
-def init_weights(model: Transformer, std: float = 0.02) -> None:
-    """GPT-2 initialisation: normal(0, 0.02) for linear and embedding weights, zero biases."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, Experts):  # stacked expert weights, initialised as the linears they stack
-            nn.init.normal_(module.gate_up_proj, std=std)
-            nn.init.normal_(module.down_proj, std=std)

@@ -82,8 +82,8 @@ def test_save_hf_round_trips_through_transformers(tmp_path):
 def test_missing_directory_parts_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         load_model(tmp_path)
-    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(CheckpointError, match="model_type 'bert' is not supported"):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt_neox"}')
+    with pytest.raises(CheckpointError, match="model_type 'gpt_neox' is not supported"):
         load_model(tmp_path)
     _llama().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
