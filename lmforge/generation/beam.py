@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.generation.generate import decode_one_token, prefill
+from lmforge.generation.steps import decode_one_token, prefill
 from lmforge.generation.state_cache import make_cache
 from lmforge.generation.sampling import SamplingParams
 

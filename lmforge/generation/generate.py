@@ -1,6 +1,6 @@
 """Autoregressive generation with a KV cache: batched prompts, stop strings, streaming text.
 
-Layers, smallest first: `prefill` and `decode_one_token` run the model; `TokenStream` walks
+Layers, smallest first: `prefill` and `decode_one_token` (steps.py) run the model; `TokenStream` walks
 a batch through sampling steps; `stream_batch` turns tokens into text deltas with stop
 strings; `stream` and `generate` are the two calls most users want.
 """
@@ -13,11 +13,9 @@ from typing import Iterator, Sequence
 import torch
 
 from lmforge.generation.drafts import Draft
-from lmforge.generation.fused_decode import decode_step
-from lmforge.generation.kv_cache import KVCache
 from lmforge.generation.sampling import SamplingParams, sample
 from lmforge.generation.state_cache import make_cache
-from lmforge.model.masks import positions_from_padding
+from lmforge.generation.steps import decode_one_token, left_pad, prefill
 
 
 @dataclass
@@ -29,34 +27,6 @@ class Completion:
     finish_reason: str = "length"  # "stop" (EOS or stop string) | "length"
     prompt_tokens: int = 0
     spec_stats: dict | None = None  # speculative decoding: drafted/accepted tokens, target forwards
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, valid), each (B, T): prompts right-aligned so every row's last token is at -1."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        valid[row, width - len(prompt):] = True
-    return ids, valid
-
-
-def prefill(model, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the prompts; return last-position logits (B, V) and each row's next position (B, 1)."""
-    padded = not bool(valid.all())
-    positions = positions_from_padding(valid) if padded else None
-    logits = model(ids, cache=cache, positions=positions, valid=valid if padded else None, last_only=True)
-    next_pos = (positions[:, -1:] + 1) if padded else torch.full((ids.shape[0], 1), ids.shape[1], device=ids.device)
-    return logits[:, -1], next_pos
-
-
-def decode_one_token(model, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache, aligned: bool = False
-                     ) -> torch.Tensor:
-    """Feed one token per row (B,) at positions pos (B, 1); return next logits (B, V). `aligned`: no row
-    is padded, so every position equals its cache slot and the fused step may skip model.forward."""
-    logits = decode_step(model, tokens, cache) if aligned else None
-    return logits if logits is not None else model(tokens[:, None], cache=cache, positions=pos)[:, -1]
 
 
 class TokenStream:
@@ -186,7 +156,7 @@ def stream_batch(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[in
     if draft is None:
         stream = TokenStream(model, ids, params, tokenizer.stop_ids, pad_id=pad)
     else:
-        from lmforge.generation.speculative import SpeculativeStream  # it imports prefill from here
+        from lmforge.generation.speculative import SpeculativeStream  # it builds on TokenStream's steps
 
         stream = SpeculativeStream(model, ids, params, tokenizer.stop_ids, pad, draft=draft, tokenizer=tokenizer)
     rows = [TextAssembler(tokenizer, params.stop) for _ in ids]

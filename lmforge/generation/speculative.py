@@ -22,7 +22,7 @@ import torch
 from lmforge.generation.drafts import (ADAPTIVE_START, MAX_DRAFT_TOKENS, Draft, check_compatible,
                                        check_draft_tokens)
 from lmforge.generation.fused_decode import chunk_step
-from lmforge.generation.generate import prefill
+from lmforge.generation.steps import prefill
 from lmforge.generation.kv_cache import KVCache
 from lmforge.generation.sampling import SamplingParams, apply_repetition_penalty, token_probabilities
 

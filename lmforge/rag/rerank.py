@@ -62,7 +62,7 @@ class LMReranker:
     @torch.inference_mode()
     def scores(self, query: str, docs: list[str]) -> list[float]:
         """log P(yes) - log P(no) for each document, in order."""
-        from lmforge.generation.generate import left_pad
+        from lmforge.generation.steps import left_pad
         from lmforge.model.masks import positions_from_padding
 
         out: list[float] = []

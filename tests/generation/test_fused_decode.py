@@ -7,7 +7,7 @@ import torch
 
 from lmforge.config import Config
 from lmforge.generation import fused_decode
-from lmforge.generation import generate
+from lmforge.generation import steps
 from lmforge.generation.fused_decode import decode_step
 from lmforge.generation.generate import decode_one_token, generate_ids
 from lmforge.generation.kv_cache import KVCache
@@ -181,7 +181,7 @@ def test_decode_step_leaves_what_it_cannot_run_to_forward():
 
 def test_generation_takes_the_lean_step_only_without_padding(monkeypatch):
     calls = []
-    monkeypatch.setattr(generate, "decode_step", lambda *a: calls.append(1) or fused_decode.decode_step(*a))
+    monkeypatch.setattr(steps, "decode_step", lambda *a: calls.append(1) or fused_decode.decode_step(*a))
     model = tiny("tiny-llama", seed=7)
     params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
     generate_ids(model, [[1, 2, 3]], params)
