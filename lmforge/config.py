@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 NormKind = Literal["rmsnorm", "layernorm"]
-MLPKind = Literal["swiglu", "geglu", "gelu", "gelu_erf"]  # gelu: tanh-approximated (GPT-2); gelu_erf: exact (BERT)
-PositionKind = Literal["rope", "learned", "alibi", "sinusoidal"]
+MLPKind = Literal["swiglu", "geglu", "gelu", "gelu_erf", "relu"]  # gelu: tanh-approximated (GPT-2); gelu_erf: exact (BERT);
+# relu: T5 v1.0 (encoder_decoder only); geglu is T5 v1.1's gated-gelu
+PositionKind = Literal["rope", "learned", "alibi", "sinusoidal", "relative"]  # relative: T5 bucketed bias
 RopeScaling = Literal["none", "linear", "llama3", "ntk", "dynamic", "yarn"]
 AttnImpl = Literal["sdpa", "math", "flash"]
-ArchKind = Literal["transformer", "mamba", "encoder"]  # mamba: Mamba blocks, attention where `mixers` says (hybrid);
-# encoder: BERT-style bidirectional post-norm encoder (model/encoder.py)
+ArchKind = Literal["transformer", "mamba", "encoder", "encoder_decoder"]  # mamba: Mamba blocks, attention where
+# `mixers` says (hybrid); encoder: BERT-style bidirectional post-norm encoder (model/encoder.py);
+# encoder_decoder: T5 (model/encoder_decoder.py)
 MixerKind = Literal["attention", "mamba"]
 BUILTIN_KINDS = {"global", "sliding"}  # layer kinds that need no sparse pattern
 # sparse pattern keys -> smallest value; the first five are the pattern's components (model/masks.py)
@@ -92,6 +94,11 @@ class Config:
     # Encoders (model/encoder.py): BERT's segment embeddings and masked-LM head, named as its config.json names them
     type_vocab_size: int = 2  # token type (segment) ids; 0 -> no token type embeddings
     mlm_head: bool = True  # the masked-LM head (cls.predictions); embedding-only checkpoints have none
+    # Encoder-decoder (model/encoder_decoder.py): T5; n_layer is the encoder's depth, block_size the longest input
+    n_decoder_layer: int | None = None  # None -> n_layer (num_decoder_layers)
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    decoder_start_token_id: int = 0  # T5 starts decoding from the pad token
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -121,6 +128,7 @@ class Config:
         self._check_sparse()
         self._check_ssm()
         self._check_encoder()
+        self._check_encoder_decoder()
 
     def _check_moe(self) -> None:
         """Mixture-of-Experts fields: derive the expert width, refuse what the router cannot do."""
@@ -236,6 +244,39 @@ class Config:
                 raise ValueError(f"{name}={value!r} with arch='encoder': the encoder has full bidirectional attention "
                                  f"and a dense MLP only; drop {name}")
 
+    def _check_encoder_decoder(self) -> None:
+        """T5 fields: derive the decoder depth; refuse T5-only choices elsewhere and what T5 lacks."""
+        if self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
+        if self.arch != "encoder_decoder":
+            for name, value in (("mlp", "relu"), ("position", "relative")):
+                if getattr(self, name) == value:
+                    raise ValueError(f"{name}={value!r} is T5's; only arch='encoder_decoder' builds it")
+            return
+        required = {"position": "relative", "norm": "rmsnorm", "bias": False, "norm_unit_offset": False,
+                    "n_kv_head": self.n_head}
+        for name, value in required.items():
+            if getattr(self, name) != value:
+                raise ValueError(f"{name}={getattr(self, name)!r} with arch='encoder_decoder': T5 has relative position "
+                                 f"buckets, RMSNorm without offset, no biases and multi-head attention; set {name}={value!r}")
+        if self.mlp not in ("relu", "geglu"):
+            raise ValueError(f"mlp={self.mlp!r} with arch='encoder_decoder': T5's feed-forward is 'relu' (v1.0) or "
+                             "'geglu' (v1.1 gated-gelu)")
+        for name in ("n_decoder_layer", "relative_attention_num_buckets", "relative_attention_max_distance"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 for arch='encoder_decoder'")
+        if self.relative_attention_num_buckets < 4:
+            raise ValueError(f"relative_attention_num_buckets={self.relative_attention_num_buckets} must be >= 4: "
+                             "half are exact offsets, half log-spaced, in each direction")
+        unsupported = {"n_experts": self.n_experts, "sparse_patterns": self.sparse_patterns,
+                       "sliding_window": self.sliding_window, "qk_norm": self.qk_norm,
+                       "sandwich_norm": self.sandwich_norm, "embedding_scale": self.embedding_scale,
+                       "attn_logit_softcap": self.attn_logit_softcap, "final_logit_softcap": self.final_logit_softcap}
+        for name, value in unsupported.items():
+            if value:
+                raise ValueError(f"{name}={value!r} with arch='encoder_decoder': T5 has full attention and a dense "
+                                 f"feed-forward only; drop {name}")
+
     def _layer_type(self, i: int) -> str:
         if self.sliding_window and self.sliding_window_pattern:
             return "global" if (i + 1) % self.sliding_window_pattern == 0 else "sliding"
@@ -311,6 +352,10 @@ MAMBA_STYLE = dict(LLAMA_STYLE, arch="mamba", d_state=16, d_conv=4, expand=2, bl
 BERT_STYLE = dict(arch="encoder", norm="layernorm", mlp="gelu_erf", position="learned", bias=True, norm_eps=1e-12,
                   type_vocab_size=2, tie_embeddings=True)
 
+# T5 (Raffel et al. 2020): RMSNorm without offset, bucketed relative position bias, no biases; v1.0 ReLU
+T5_STYLE = dict(arch="encoder_decoder", norm="rmsnorm", norm_eps=1e-6, mlp="relu", position="relative", bias=False,
+                tie_embeddings=True, relative_attention_num_buckets=32, relative_attention_max_distance=128)
+
 _TINY = dict(vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, block_size=512)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -358,6 +403,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Jamba-style hybrid (Lieber et al. 2024): one attention block (with its MLP) every 4th layer, Mamba elsewhere
     "tiny-hybrid": dict(MAMBA_STYLE, vocab_size=256, n_layer=4, n_embd=64, n_head=4, n_kv_head=2,
                         intermediate_size=128, block_size=4096, attn_layer_period=4, attn_layer_offset=2),
+    "tiny-t5": dict(T5_STYLE, vocab_size=256, n_layer=2, n_decoder_layer=2, n_embd=64, n_head=4, head_dim=16,
+                    intermediate_size=128, block_size=512),
     "tiny-bert": dict(BERT_STYLE, vocab_size=256, n_layer=2, n_embd=64, n_head=4, intermediate_size=128, block_size=128),
     # google-bert/bert-base-uncased
     "bert-base-uncased": dict(BERT_STYLE, vocab_size=30522, n_layer=12, n_embd=768, n_head=12, intermediate_size=3072,

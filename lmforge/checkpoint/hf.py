@@ -18,6 +18,7 @@ from lmforge.atomic import atomic_write, atomic_write_text
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.gguf_blocks import float_state_dict
 from lmforge.checkpoint.hf_bert import BERT_TYPES, bert_config, bert_state, hf_bert_config, hf_bert_state
+from lmforge.checkpoint.hf_t5 import T5_TYPES, t5_config, t5_state
 from lmforge.checkpoint.hf_mamba import MAMBA_TYPES, OTHER_SSM_TYPES, hf_mamba_config, mamba_config, mamba_state
 from lmforge.checkpoint.hf_moe import MOE_TYPES, hf_moe_fields, moe_fields, stack_experts, unstack_experts
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
@@ -108,13 +109,15 @@ def config_from_hf(path: str | Path) -> Config:
             return mamba_config(cfg, path.name)
         if kind in BERT_TYPES:
             return bert_config(cfg, path)
+        if kind in T5_TYPES:
+            return t5_config(cfg, path.name)
     except KeyError as err:
         raise CheckpointError(f"{path / 'config.json'} lacks the key {err}") from None
     if kind in OTHER_SSM_TYPES:
         raise CheckpointError(f"model_type {kind!r} is {OTHER_SSM_TYPES[kind]}, not Mamba-1's mixer; lmforge "
                               f"reads Mamba checkpoints of model_type {list(MAMBA_TYPES)}")
     raise CheckpointError(f"model_type {kind!r} is not supported; lmforge reads "
-                          f"{list(LLAMA_TYPES + GEMMA3_TYPES + GPT2_TYPES + MOE_TYPES + MAMBA_TYPES + BERT_TYPES)}")
+                          f"{list(LLAMA_TYPES + GEMMA3_TYPES + GPT2_TYPES + MOE_TYPES + MAMBA_TYPES + BERT_TYPES + T5_TYPES)}")
 
 
 def _llama_like(cfg: dict[str, Any], kind: str, name: str) -> Config:
@@ -172,6 +175,8 @@ def read_hf_state(path: str | Path, config: Config) -> dict[str, torch.Tensor]:
         return mamba_state(raw)
     if config.arch == "encoder":  # BERT: ours too, but for BertForMaskedLM's "bert." prefix
         return bert_state(raw, config)
+    if config.arch == "encoder_decoder":  # T5: ours, less the aliases of `shared`
+        return t5_state(raw, config)
     if config.position == "learned":  # GPT-2
         return _from_gpt2(raw, config)
     if config.n_experts:  # Mixtral, Qwen2-MoE: per-expert hub tensors stacked

@@ -25,14 +25,17 @@ OTHER_SSM_TYPES = {
     "zamba2": "Zamba2 (Mamba-2 mixers)", "falcon_h1": "Falcon-H1 (Mamba-2 mixers in parallel with attention)",
 }
 FAMILY_PREFIXES = {"mamba": ("backbone.",), "transformer": ("model.", "transformer.h.", "transformer.wte."),
-                   "encoder": ("embeddings.word_embeddings.", "encoder.layer.", "cls.predictions.")}
+                   "encoder": ("embeddings.word_embeddings.", "encoder.layer.", "cls.predictions."),
+                   "encoder_decoder": ("encoder.block.", "decoder.block.")}
 # each family's checkpoint, by the names that give it away, and what a config of it builds
 FAMILY_NAMES = {"mamba": ("a Mamba checkpoint (backbone.layers.N.mixer.*)", "a Mamba model (arch='mamba')",
                           "tiny-mamba, mamba-130m"),
                 "transformer": ("a transformer checkpoint (model.layers.N.self_attn.*)", "a transformer",
                                 "tiny-llama, smollm2-135m"),
                 "encoder": ("a BERT-style encoder checkpoint (encoder.layer.N.attention.*)",
-                            "a BERT-style encoder (arch='encoder')", "tiny-bert, all-minilm-l6-v2")}
+                            "a BERT-style encoder (arch='encoder')", "tiny-bert, all-minilm-l6-v2"),
+                "encoder_decoder": ("a T5 checkpoint (encoder.block.N.layer.0.SelfAttention.*)",
+                                    "a T5 encoder-decoder (arch='encoder_decoder')", "tiny-t5")}
 
 
 def mamba_config(cfg: dict[str, Any], name: str) -> Config:

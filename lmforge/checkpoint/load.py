@@ -73,7 +73,7 @@ def assign_state(config: Config, state: dict[str, torch.Tensor | BlockTensor], s
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)  # no copy when already there
              for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings and config.arch != "encoder":  # an encoder's MLM head reads the embedding itself
+    if config.tie_embeddings and config.arch not in ("encoder", "encoder_decoder"):  # their heads read the embedding
         _tie(model)
     # decode_layout reads lm_head.weight, which a GGUFLinear would dequantize; blocks have one layout
     return model.eval() if native or config.arch != "transformer" else decode_layout(model).eval()

@@ -208,7 +208,7 @@ def decode_layout(model: Transformer) -> Transformer:
 
 def model_class(config: Config) -> type[nn.Module]:
     """The module that builds a config: Transformer, MambaLM for arch='mamba' (model/mamba.py), or
-    Encoder for arch='encoder' (model/encoder.py)."""
+    Encoder for arch='encoder' (model/encoder.py), EncoderDecoder for 'encoder_decoder' (T5)."""
     if config.arch == "mamba":
         from lmforge.model.mamba import MambaLM  # model/mamba.py builds on this module's Block
 
@@ -217,6 +217,10 @@ def model_class(config: Config) -> type[nn.Module]:
         from lmforge.model.encoder import Encoder  # model/encoder.py uses this module's helpers
 
         return Encoder
+    if config.arch == "encoder_decoder":
+        from lmforge.model.encoder_decoder import EncoderDecoder  # T5
+
+        return EncoderDecoder
     return Transformer
 
 
@@ -230,6 +234,10 @@ def build_model(config: Config, device: torch.device | str = "cpu") -> Transform
         from lmforge.model.encoder import build_encoder
 
         return build_encoder(config, device)
+    if config.arch == "encoder_decoder":
+        from lmforge.model.encoder_decoder import build_encoder_decoder
+
+        return build_encoder_decoder(config, device)
     with torch.device(device):
         model = Transformer(config)
     if device != "meta":

@@ -1,0 +1,136 @@
+"""T5 encoder-decoder: logits equal transformers' T5ForConditionalGeneration loaded through
+load_model from its save_pretrained folder (ReLU and gated-GELU, tied and untied, with encoder
+padding), the relative position buckets equal theirs, and bad checkpoints, configs and inputs fail
+with messages that name them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.checkpoint.errors import CheckpointError
+from lmforge.checkpoint.load import assign_state, load_model
+from lmforge.config import Config
+from lmforge.model.encoder_decoder import EncoderDecoder, build_encoder_decoder, relative_position_bucket
+from lmforge.model.transformer import build_model, model_class
+
+transformers = pytest.importorskip("transformers")
+
+VARIANTS = {
+    "relu-tied": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    "relu-untied": dict(feed_forward_proj="relu", tie_word_embeddings=False),
+    "gated-gelu-tied": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=True),
+    "gated-gelu-untied": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+
+
+def hf_t5(variant: str, path, **overrides):
+    """A tiny random T5ForConditionalGeneration saved to `path`; the model and its folder."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(**{**dict(vocab_size=101, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                          num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=8,
+                                          relative_attention_max_distance=20, dropout_rate=0.0,
+                                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+                                     **VARIANTS[variant], **overrides})
+    ref = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1; make them count
+        for name, p in ref.named_parameters():
+            if "layer_norm" in name:
+                p.uniform_(0.5, 1.5)
+    ref.save_pretrained(path, safe_serialization=True)
+    return ref
+
+
+def inputs(vocab: int = 101):
+    torch.manual_seed(1)
+    ids = torch.randint(2, vocab, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, 21:] = 0  # the second row is padded
+    dec = torch.randint(2, vocab, (2, 25))
+    dec[:, 0] = 0
+    return ids, mask, dec
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_equal_transformers(variant, tmp_path):
+    ref = hf_t5(variant, tmp_path)
+    model = load_model(tmp_path)
+    assert isinstance(model, EncoderDecoder)
+    assert model.config.mlp == ("relu" if "relu" in variant else "geglu")
+    assert model.config.tie_embeddings == ("untied" not in variant)
+    ids, mask, dec = inputs()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        got = model(ids, dec, mask)
+        enc_want = ref.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        enc_got = model.encode(ids, mask)
+    torch.testing.assert_close(enc_got[mask.bool()], enc_want[mask.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_changes_no_real_token(tmp_path):
+    hf_t5("relu-tied", tmp_path)
+    model = load_model(tmp_path)
+    ids, mask, dec = inputs()
+    with torch.no_grad():
+        padded = model(ids[1:], dec[1:], mask[1:])
+        alone = model(ids[1:, :21], dec[1:])
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_buckets_equal_transformers(bidirectional):
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    rel = torch.arange(-300, 300)[None, :] - torch.arange(0, 5)[:, None]
+    want = T5Attention._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=32, max_distance=128)
+    assert torch.equal(relative_position_bucket(rel, bidirectional, 32, 128), want)
+
+
+def test_preset_builds_and_dispatches():
+    config = Config.from_name("tiny-t5")
+    assert model_class(config) is EncoderDecoder
+    model = build_model(config)
+    ids = torch.randint(0, 256, (1, 7))
+    assert model(ids, ids[:, :3]).shape == (1, 3, 256)
+    assert not hasattr(model.decoder.block[1].layer[0].SelfAttention, "relative_attention_bias")
+
+
+def test_t5_checkpoint_into_a_decoder_config_is_refused(tmp_path):
+    ref = hf_t5("relu-tied", tmp_path)
+    state = {k: v for k, v in ref.state_dict().items()}
+    with pytest.raises(CheckpointError, match="T5 checkpoint"):
+        assign_state(Config.from_name("tiny-llama"), state, "t5-folder")
+
+
+def test_bad_config_json_is_refused(tmp_path):
+    hf_t5("relu-tied", tmp_path)
+    cfg = (tmp_path / "config.json").read_text().replace('"relu"', '"gated-silu"')
+    (tmp_path / "config.json").write_text(cfg)
+    with pytest.raises(CheckpointError, match="feed_forward_proj='gated-silu'"):
+        load_model(tmp_path)
+
+
+def test_input_past_block_size_is_refused():
+    model = build_encoder_decoder(Config.from_name("tiny-t5", block_size=16))
+    with pytest.raises(ValueError, match="input length 17 is longer than block_size=16"):
+        model.encode(torch.zeros(1, 17, dtype=torch.long))
+    encoded = model.encode(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="decoder length 17"):
+        model.decode(torch.zeros(1, 17, dtype=torch.long), model.cross_kv(encoded))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(position="rope"), "position='rope' with arch='encoder_decoder'"),
+    (dict(mlp="swiglu"), "mlp='swiglu' with arch='encoder_decoder'"),
+    (dict(relative_attention_num_buckets=2), "relative_attention_num_buckets=2"),
+    (dict(n_decoder_layer=0), "n_decoder_layer=0"),
+])
+def test_bad_configs_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Config.from_name("tiny-t5", **overrides)
+
+
+def test_t5_choices_refused_outside_encoder_decoder():
+    with pytest.raises(ValueError, match="mlp='relu' is T5's"):
+        Config.from_name("tiny-llama", mlp="relu")
