@@ -182,3 +182,25 @@ def test_greedy_stops_rows_at_eos(tmp_path):
     assert torch.equal(out[1], free[1])  # the other row runs on
     with pytest.raises(ValueError, match="decoder length 600"):
         greedy_seq2seq(model, ids, mask, max_new_tokens=599)
+
+
+def test_own_lm_head_of_t5_v1_1_hub_files_is_read(tmp_path):
+    """Hub T5 v1.1 files (written by transformers 4) keep lm_head.weight apart from shared and say
+    tie_word_embeddings=false: the head is that tensor, unscaled."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf_t5("gated-gelu-tied", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = torch.randn_like(state["shared.weight"])
+    save_file(state, tmp_path / "model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("scale_decoder_outputs")
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    model = load_model(tmp_path)
+    assert not model.config.tie_embeddings
+    torch.testing.assert_close(model.lm_head.weight, state["lm_head.weight"])
+    with torch.no_grad():
+        h = torch.randn(2, 3, 32)
+        torch.testing.assert_close(model.logits(h), h @ state["lm_head.weight"].T)
