@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 NormKind = Literal["rmsnorm", "layernorm"]
-MLPKind = Literal["swiglu", "geglu", "gelu", "gelu_erf", "relu"]  # gelu: tanh-approximated (GPT-2); gelu_erf: exact (BERT);
-# relu: T5 v1.0 (encoder_decoder only); geglu is T5 v1.1's gated-gelu
+# gelu: tanh-approximated (GPT-2); gelu_erf: exact (BERT); relu: T5 v1.0 (encoder_decoder only);
+# geglu: also T5 v1.1's gated-gelu
+MLPKind = Literal["swiglu", "geglu", "gelu", "gelu_erf", "relu"]
 PositionKind = Literal["rope", "learned", "alibi", "sinusoidal", "relative"]  # relative: T5 bucketed bias
 RopeScaling = Literal["none", "linear", "llama3", "ntk", "dynamic", "yarn"]
 AttnImpl = Literal["sdpa", "math", "flash"]
@@ -257,8 +258,9 @@ class Config:
                     "n_kv_head": self.n_head}
         for name, value in required.items():
             if getattr(self, name) != value:
-                raise ValueError(f"{name}={getattr(self, name)!r} with arch='encoder_decoder': T5 has relative position "
-                                 f"buckets, RMSNorm without offset, no biases and multi-head attention; set {name}={value!r}")
+                raise ValueError(f"{name}={getattr(self, name)!r} with arch='encoder_decoder': T5 has relative "
+                                 "position buckets, RMSNorm without offset, no biases and multi-head attention; "
+                                 f"set {name}={value!r}")
         if self.mlp not in ("relu", "geglu"):
             raise ValueError(f"mlp={self.mlp!r} with arch='encoder_decoder': T5's feed-forward is 'relu' (v1.0) or "
                              "'geglu' (v1.1 gated-gelu)")

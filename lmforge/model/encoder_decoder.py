@@ -121,7 +121,8 @@ class CrossAttentionLayer(nn.Module):
         self.EncDecAttention = T5Attention(config, False, True)
         self.layer_norm = RMSNorm(config.n_embd, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor]
+                ) -> torch.Tensor:
         return x + self.EncDecAttention(self.layer_norm(x), bias, kv)
 
 
