@@ -204,3 +204,29 @@ def test_own_lm_head_of_t5_v1_1_hub_files_is_read(tmp_path):
     with torch.no_grad():
         h = torch.randn(2, 3, 32)
         torch.testing.assert_close(model.logits(h), h @ state["lm_head.weight"].T)
+
+
+@pytest.mark.parametrize("row, num_beams, length_penalty, early_stopping", [
+    (0, 3, 1.0, False), (1, 4, 0.5, True), (1, 2, 2.0, "never"),
+])
+def test_beam_search_equals_transformers(row, num_beams, length_penalty, early_stopping, tmp_path):
+    from lmforge.generation.sampling import SamplingParams
+    from lmforge.generation.seq2seq import beam_search_seq2seq, greedy_seq2seq
+
+    ref = hf_t5("gated-gelu-tied", tmp_path, std=0.6)
+    model = load_model(tmp_path)
+    ids, mask, _ = inputs()
+    ids, mask = ids[row:row + 1], mask[row:row + 1]  # the second row keeps its padding
+    eos = int(greedy_seq2seq(model, ids, mask, max_new_tokens=4, eos_id=None)[0, 3])  # a token beams reach
+    want = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=num_beams,
+                        max_new_tokens=10, length_penalty=length_penalty, early_stopping=early_stopping,
+                        eos_token_id=eos, use_cache=False, num_return_sequences=num_beams)
+    params = SamplingParams(max_new_tokens=10, num_beams=num_beams, length_penalty=length_penalty, temperature=0,
+                            early_stopping=early_stopping)
+    best = beam_search_seq2seq(model, ids, params, {eos}, mask)
+    assert len(best) == num_beams and len({tuple(h.tokens) for h in best}) == num_beams
+    got = torch.full_like(want, eos)  # transformers pads ended hypotheses with the eos given to generate
+    got[:, 0] = 0
+    for i, hyp in enumerate(best):
+        got[i, 1:1 + len(hyp.tokens)] = torch.tensor(hyp.tokens)
+    assert torch.equal(got, want)  # every hypothesis, in score order
