@@ -18,7 +18,7 @@ from lmforge.atomic import atomic_write, atomic_write_text
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.gguf_blocks import float_state_dict
 from lmforge.checkpoint.hf_bert import BERT_TYPES, bert_config, bert_state, hf_bert_config, hf_bert_state
-from lmforge.checkpoint.hf_t5 import T5_TYPES, t5_config, t5_state
+from lmforge.checkpoint.hf_t5 import T5_TYPES, hf_t5_config, t5_config, t5_state
 from lmforge.checkpoint.hf_mamba import MAMBA_TYPES, OTHER_SSM_TYPES, hf_mamba_config, mamba_config, mamba_state
 from lmforge.checkpoint.hf_moe import MOE_TYPES, hf_moe_fields, moe_fields, stack_experts, unstack_experts
 from lmforge.config import GEMMA3_STYLE, GPT2_STYLE, LLAMA_STYLE, Config
@@ -206,11 +206,11 @@ def _from_gpt2(raw: dict[str, torch.Tensor], config: Config) -> dict[str, torch.
 
 
 def save_hf(model, path: str | Path) -> Path:
-    """Write a LLaMA-style, Gemma 3, Mixtral, Qwen2-MoE, Mamba or BERT model as config.json +
+    """Write a LLaMA-style, Gemma 3, Mixtral, Qwen2-MoE, Mamba, BERT or T5 model as config.json +
     model.safetensors (atomically)."""
     path = Path(path)
     config: Config = model.config
-    if config.position != "rope" and config.arch != "encoder":
+    if config.position != "rope" and config.arch not in ("encoder", "encoder_decoder"):
         raise ValueError("save_hf writes LLaMA-style and Gemma 3 models; GPT-2 export is not supported yet")
     if config.sparse_patterns:
         raise ValueError(f"save_hf: sparse_patterns {sorted(config.sparse_patterns)} have no Hugging Face config "
@@ -278,6 +278,8 @@ def hf_config(config: Config) -> dict[str, Any]:
         return hf_mamba_config(config)
     if config.arch == "encoder":
         return hf_bert_config(config)
+    if config.arch == "encoder_decoder":
+        return hf_t5_config(config)
     gemma = config.sandwich_norm
     cfg: dict[str, Any] = dict(
         model_type="gemma3_text" if gemma else "llama", architectures=["Gemma3ForCausalLM" if gemma else

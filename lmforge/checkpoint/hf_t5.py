@@ -56,3 +56,18 @@ def t5_state(raw: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Te
     if not config.tie_embeddings and "lm_head.weight" not in state and "shared.weight" in state:
         state["lm_head.weight"] = state["shared.weight"].clone()
     return state
+
+
+def hf_t5_config(config: Config) -> dict[str, Any]:
+    """config.json for an encoder-decoder, read by transformers' T5Config (T5ForConditionalGeneration).
+    An untied head says tie_word_embeddings=false, as T5 v1.1 hub files do."""
+    proj = {mlp: name for name, mlp in FEED_FORWARD.items()}[config.mlp]
+    return dict(model_type="t5", architectures=["T5ForConditionalGeneration"], vocab_size=config.vocab_size,
+                d_model=config.n_embd, d_kv=config.head_dim, d_ff=config.intermediate_size,
+                num_layers=config.n_layer, num_decoder_layers=config.n_decoder_layer, num_heads=config.n_head,
+                relative_attention_num_buckets=config.relative_attention_num_buckets,
+                relative_attention_max_distance=config.relative_attention_max_distance,
+                layer_norm_epsilon=config.norm_eps, feed_forward_proj=proj, n_positions=config.block_size,
+                is_encoder_decoder=True, tie_word_embeddings=config.tie_embeddings, dropout_rate=0.0,
+                decoder_start_token_id=config.decoder_start_token_id, pad_token_id=0, eos_token_id=1,
+                torch_dtype="float32")

@@ -230,3 +230,29 @@ def test_beam_search_equals_transformers(row, num_beams, length_penalty, early_s
     for i, hyp in enumerate(best):
         got[i, 1:1 + len(hyp.tokens)] = torch.tensor(hyp.tokens)
     assert torch.equal(got, want)  # every hypothesis, in score order
+
+
+@pytest.mark.parametrize("mlp, tied", [("relu", True), ("geglu", False)])
+def test_save_hf_round_trips(mlp, tied, tmp_path):
+    """save_hf writes a folder load_model reads back to the same logits, and transformers reads the
+    tied one to the same logits too (transformers 5 always ties the head, so not the untied one)."""
+    from lmforge.checkpoint.hf import save_hf
+
+    torch.manual_seed(0)
+    config = Config.from_name("tiny-t5", mlp=mlp, tie_embeddings=tied, n_decoder_layer=3)
+    model = build_encoder_decoder(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.uniform_(0.5, 1.5)
+    save_hf(model, tmp_path)
+    ids, mask, dec = inputs(vocab=256)
+    again = load_model(tmp_path)
+    assert again.config.mlp == mlp and again.config.tie_embeddings == tied and again.config.n_decoder_layer == 3
+    with torch.no_grad():
+        want = model(ids, dec, mask)
+        torch.testing.assert_close(again(ids, dec, mask), want, atol=1e-6, rtol=1e-6)
+        if tied:
+            ref = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+            got = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
