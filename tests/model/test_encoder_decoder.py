@@ -256,3 +256,15 @@ def test_save_hf_round_trips(mlp, tied, tmp_path):
             ref = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
             got = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_load_stays_close(tmp_path):
+    """Loaded in bf16 (norms computed in fp32, -inf padding bias cast to bf16), logits stay near fp32's."""
+    hf_t5("gated-gelu-tied", tmp_path)
+    full, half = load_model(tmp_path), load_model(tmp_path, dtype=torch.bfloat16)
+    ids, mask, dec = inputs()
+    with torch.no_grad():
+        want, got = full(ids, dec, mask), half(ids, dec, mask)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.05)
+    assert (got.float().argmax(-1) == want.argmax(-1)).float().mean() > 0.95
