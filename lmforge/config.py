@@ -240,14 +240,7 @@ class Config:
         if self.mlp not in ("gelu_erf", "gelu"):
             raise ValueError(f"mlp={self.mlp!r} with arch='encoder': its MLP is dense -> GELU -> dense; "
                              "set mlp='gelu_erf' (BERT) or 'gelu' (tanh-approximated)")
-        unsupported = {"n_experts": self.n_experts, "sparse_patterns": self.sparse_patterns,
-                       "sliding_window": self.sliding_window, "qk_norm": self.qk_norm,
-                       "sandwich_norm": self.sandwich_norm, "embedding_scale": self.embedding_scale,
-                       "attn_logit_softcap": self.attn_logit_softcap, "final_logit_softcap": self.final_logit_softcap}
-        for name, value in unsupported.items():
-            if value:
-                raise ValueError(f"{name}={value!r} with arch='encoder': the encoder has full bidirectional attention "
-                                 f"and a dense MLP only; drop {name}")
+        self._refuse_decoder_extras("the encoder has full bidirectional attention and a dense MLP only")
 
     def _check_encoder_decoder(self) -> None:
         """T5 fields: derive the decoder depth; refuse T5-only choices elsewhere and what T5 lacks."""
@@ -274,14 +267,18 @@ class Config:
         if self.relative_attention_num_buckets < 4:
             raise ValueError(f"relative_attention_num_buckets={self.relative_attention_num_buckets} must be >= 4: "
                              "half are exact offsets, half log-spaced, in each direction")
-        unsupported = {"n_experts": self.n_experts, "sparse_patterns": self.sparse_patterns,
-                       "sliding_window": self.sliding_window, "qk_norm": self.qk_norm,
-                       "sandwich_norm": self.sandwich_norm, "embedding_scale": self.embedding_scale,
-                       "attn_logit_softcap": self.attn_logit_softcap, "final_logit_softcap": self.final_logit_softcap}
-        for name, value in unsupported.items():
+        self._refuse_decoder_extras("T5 has full attention and a dense feed-forward only")
+
+    def _refuse_decoder_extras(self, why: str) -> None:
+        """Encoders and T5 build none of the decoder's extras (MoE, sparse or sliding attention, Gemma's norms
+        and softcaps): name the first one set."""
+        extras = {"n_experts": self.n_experts, "sparse_patterns": self.sparse_patterns,
+                  "sliding_window": self.sliding_window, "qk_norm": self.qk_norm,
+                  "sandwich_norm": self.sandwich_norm, "embedding_scale": self.embedding_scale,
+                  "attn_logit_softcap": self.attn_logit_softcap, "final_logit_softcap": self.final_logit_softcap}
+        for name, value in extras.items():
             if value:
-                raise ValueError(f"{name}={value!r} with arch='encoder_decoder': T5 has full attention and a dense "
-                                 f"feed-forward only; drop {name}")
+                raise ValueError(f"{name}={value!r} with arch={self.arch!r}: {why}; drop {name}")
 
     def _layer_type(self, i: int) -> str:
         if self.sliding_window and self.sliding_window_pattern:

@@ -38,7 +38,7 @@ def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[i
         prompt: token ids. params: num_beams, max_new_tokens, length_penalty, early_stopping.
         eos_ids: tokens that end a hypothesis.
     """
-    k, lp = params.num_beams, params.length_penalty
+    k = params.num_beams
     max_new = min(params.max_new_tokens, model.config.block_size - len(prompt))
     if max_new < 1 or not prompt:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the {model.config.block_size}-token "
@@ -47,11 +47,28 @@ def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[i
     cache = make_cache(model.config, k, len(prompt) + max_new, dtype=weight.dtype, device=weight.device)
     ids = torch.tensor([prompt] * k, device=weight.device)
     logits, pos = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)
-    running_scores = torch.full((k,), NEG, device=weight.device)
+
+    def advance(parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal pos
+        cache.reorder(parents)
+        out = decode_one_token(model, tokens, pos, cache, aligned=True)  # beams are not padded
+        pos = pos + 1
+        return out
+
+    return search_beams(logits, advance, params, eos_ids, max_new)
+
+
+def search_beams(logits: torch.Tensor, advance, params: SamplingParams, eos_ids: set[int],
+                 max_new: int) -> list[Hypothesis]:
+    """The beam loop every model family shares: from the first step's logits (num_beams, V), keep the
+    best beams; `advance(parents, tokens)` reorders the caller's cache to the surviving beams' parents,
+    feeds their new tokens and returns the next logits (num_beams, V)."""
+    k, lp = params.num_beams, params.length_penalty
+    running_scores = torch.full((k,), NEG, device=logits.device)
     running_scores[0] = 0.0  # all beams start identical: only one may expand at first
     running: list[list[int]] = [[] for _ in range(k)]
     finished: list[Hypothesis] = []
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=weight.device)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
     keep = max(2, 1 + len(eos_ids)) * k  # enough candidates that k survive even if many hit EOS
     improvable = True
     for step in range(max_new):
@@ -73,9 +90,7 @@ def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[i
         all_done = len(finished) == k and params.early_stopping is True
         if not improvable or all_done or bool(ends.all()):
             break
-        cache.reorder(parents)
-        logits = decode_one_token(model, token_of[alive], pos, cache, aligned=True)  # beams are not padded
-        pos = pos + 1
+        logits = advance(parents, token_of[alive])
     return finished
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.generation.beam import NEG, Hypothesis, _can_improve, _finished_better
+from lmforge.generation.beam import Hypothesis, search_beams
 from lmforge.generation.sampling import SamplingParams
 from lmforge.model.encoder_decoder import EncoderDecoder
 
@@ -52,8 +52,7 @@ def beam_search_seq2seq(model: EncoderDecoder, input_ids: torch.Tensor, params: 
     """
     if input_ids.shape[0] != 1:
         raise ValueError(f"beam_search_seq2seq takes one input (1, S); got a batch of {input_ids.shape[0]}")
-    k, lp = params.num_beams, params.length_penalty
-    max_new = params.max_new_tokens
+    k, max_new = params.num_beams, params.max_new_tokens
     model.check_length(1 + max_new, "decoder")
     cross = [(ck.expand(k, -1, -1, -1), cv.expand(k, -1, -1, -1))  # (k, n_head, S, hd), one encoder pass
              for ck, cv in model.cross_kv(model.encode(input_ids, attention_mask))]
@@ -61,30 +60,9 @@ def beam_search_seq2seq(model: EncoderDecoder, input_ids: torch.Tensor, params: 
     start = torch.full((k, 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     cache: list = []
     logits = model.decode(start, cross, mask, cache=cache)[:, -1]  # (k, V)
-    running_scores = torch.full((k,), NEG, device=logits.device)
-    running_scores[0] = 0.0  # all beams start identical: only one may expand at first
-    running: list[list[int]] = [[] for _ in range(k)]
-    finished: list[Hypothesis] = []
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
-    keep = max(2, 1 + len(eos_ids)) * k  # enough candidates that k survive even if many hit eos
-    improvable = True
-    for step in range(max_new):
-        scores = (logits.float().log_softmax(-1) + running_scores[:, None]).reshape(-1)  # (k * V,)
-        top_scores, top_index = torch.topk(scores, keep)
-        beam_of, token_of = top_index // logits.shape[-1], top_index % logits.shape[-1]
-        ends = torch.isin(token_of, eos) | (step + 1 == max_new)
-        full = len(finished) == k and params.early_stopping is True
-        for rank in range(k):  # only the top k candidates may finish (Hugging Face's rule)
-            if ends[rank] and improvable and not full:
-                tokens = running[beam_of[rank]] + [int(token_of[rank])]
-                hyp = Hypothesis(tokens, float(top_scores[rank]) / (step + 1) ** lp)
-                finished = _finished_better(finished, hyp, k)
-        alive = torch.topk(top_scores + ends.float() * NEG, k).indices  # best k that did not end
-        running_scores, parents = top_scores[alive], beam_of[alive]
-        running = [running[p] + [int(t)] for p, t in zip(parents.tolist(), token_of[alive].tolist())]
-        improvable = improvable and _can_improve(finished, float(running_scores[0]), step + 1, max_new, params)
-        if not improvable or (len(finished) == k and params.early_stopping is True) or bool(ends.all()):
-            break
+
+    def advance(parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         cache[:] = [(ck[parents], cv[parents]) for ck, cv in cache]  # each beam keeps its parent's keys
-        logits = model.decode(token_of[alive][:, None], cross, mask, cache=cache)[:, -1]
-    return finished
+        return model.decode(tokens[:, None], cross, mask, cache=cache)[:, -1]
+
+    return search_beams(logits, advance, params, eos_ids, max_new)
