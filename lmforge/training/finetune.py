@@ -5,6 +5,7 @@ Also the two CLI commands built on it: `lmforge finetune` and `lmforge data`.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -63,7 +64,20 @@ def setup(recipe: Recipe):
     return model, tokenizer, data, evals
 
 
+# recipe.objective -> "module:function" running it (a function of (recipe, merge) -> summary dict)
+RUNNERS: dict[str, str] = {"sft": "lmforge.training.finetune:run_sft"}
+
+
 def run(recipe: Recipe, merge: bool = False) -> dict:
+    """Run the recipe's objective (resuming when out_dir has checkpoints); return its summary."""
+    target = RUNNERS.get(recipe.objective)
+    if target is None:
+        raise ValueError(f"objective={recipe.objective!r} is not known; objectives: {sorted(RUNNERS)}")
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)(recipe, merge)
+
+
+def run_sft(recipe: Recipe, merge: bool = False) -> dict:
     """Train (resuming when out_dir has checkpoints), then write the adapters and optional merged model."""
     out = Path(recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,16 +40,24 @@ class DataConfig:
 
 @dataclass
 class Recipe:
-    """A whole fine-tuning run: model, data, adapter, loop, output folder."""
+    """A whole training run: model, objective, what is trained, data, loop, output folder.
+
+    `objective` picks the runner (finetune.RUNNERS: sft, dpo, distill, ...); `adapter` what is
+    trained (lora also covers DoRA/QLoRA through the lora section). A section of another objective
+    or adapter may stay in the YAML at its defaults; it is simply not read.
+    """
 
     model: str = "smollm2-135m-instruct"
     out_dir: str = "runs/finetune"
     device: str = "auto"  # auto -> cuda when present, else cpu
+    objective: str = "sft"
+    adapter: Literal["lora", "prefix", "bottleneck", "full"] = "lora"
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# section name -> its config dataclass; each is also a Recipe field of the same name
 SECTIONS = {"data": DataConfig, "lora": LoRAConfig, "train": TrainConfig}
 
 
@@ -99,7 +107,7 @@ def from_dict(raw: dict, where: str = "recipe") -> Recipe:
 
 
 def _known_top(top: dict, where: str) -> dict:
-    known = {"model", "out_dir", "device"}
+    known = {"model", "out_dir", "device", "objective", "adapter"}
     unknown = sorted(set(top) - known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; top-level keys are {sorted(known | set(SECTIONS))}")

@@ -157,7 +157,7 @@ def test_sigkill_at_random_steps_then_resume_gives_the_same_curve(tmp_path) -> N
 
 
 def test_fused_linear_cross_entropy_equals_torch(monkeypatch) -> None:
-    from lmforge.training import objectives
+    from lmforge.training.objectives import cross_entropy as objectives
 
     monkeypatch.setattr(objectives, "LOGIT_CHUNK", 7)  # several chunks, one ragged
     h = torch.randn(20, 16, requires_grad=True)
