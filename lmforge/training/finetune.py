@@ -14,6 +14,7 @@ import torch
 from lmforge import hub
 from lmforge.atomic import atomic_write_jsonl
 from lmforge.training.adapters import save_adapter
+from lmforge.training.continual import apply_continual
 from lmforge.training.data import Batches, build_rows
 from lmforge.training.lora import apply_lora, merge_and_unload
 from lmforge.training.objectives import sft_loss
@@ -66,6 +67,7 @@ def setup(recipe: Recipe):
 
 # recipe.objective -> "module:function" running it (a function of (recipe, merge) -> summary dict)
 RUNNERS: dict[str, str] = {"sft": "lmforge.training.finetune:run_sft"}
+RUNNERS["distill"] = "lmforge.training.distill:run"
 
 
 def run(recipe: Recipe, merge: bool = False) -> dict:
@@ -83,7 +85,10 @@ def run_sft(recipe: Recipe, merge: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
     model, tokenizer, data, evals = setup(recipe)
-    summary = train(model, sft_loss, data, recipe.train, out, eval_batches=evals)
+    d = recipe.data  # continual: EWC, replay, task A's adapter (no-op when the section is off)
+    data, objective = apply_continual(recipe.continual, model, tokenizer, data, sft_loss, d.template, d.max_length,
+                                      d.packing, recipe.train.seed)
+    summary = train(model, objective, data, recipe.train, out, eval_batches=evals)
     summary["adapter"] = str(save_adapter(model, out / "adapter", base_model=recipe.model))
     for key in ("best", "averaged"):
         if summary.get(key):

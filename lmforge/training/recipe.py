@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
+from lmforge.training.continual import ContinualConfig
 from lmforge.training.lora import LoRAConfig
+from lmforge.training.objectives.distill import DistillConfig
 from lmforge.training.trainer import TrainConfig
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
@@ -55,10 +57,13 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
 
 # section name -> its config dataclass; each is also a Recipe field of the same name
 SECTIONS = {"data": DataConfig, "lora": LoRAConfig, "train": TrainConfig}
+SECTIONS.update(distill=DistillConfig, continual=ContinualConfig)
 
 
 def recipe_names() -> list[str]:
