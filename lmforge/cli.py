@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "prune": "lmforge.compression.commands:prune",
     "merge": "lmforge.compression.commands:merge",
     "finetune": "lmforge.training.finetune:finetune",
+    "pretrain": "lmforge.training.pretrain:pretrain",
     "data": "lmforge.training.finetune:data",
 }
 

@@ -51,6 +51,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a distillation student (training/distill.py): SmolLM2-135M's shape and vocabulary with 4 of its 30 layers
     "smollm2-student-4l": dict(LLAMA_STYLE, vocab_size=49152, n_layer=4, n_embd=576, n_head=9, n_kv_head=3,
                                intermediate_size=1536, block_size=8192, rope_theta=100000.0, norm_eps=1e-5),
+    # pretraining from zero (training/pretrain.py): SmolLM2's tokenizer, 8 layers of 384, tied embeddings;
+    # 31.5M parameters (18.9M of them the embedding), trainable in minutes on a CPU
+    "pretrain-llama-30m": dict(LLAMA_STYLE, vocab_size=49152, n_layer=8, n_embd=384, n_head=6, n_kv_head=2,
+                               intermediate_size=1024, block_size=1024, rope_theta=10000.0, norm_eps=1e-5),
     # google/gemma-3-270m
     "gemma3-270m": dict(GEMMA3_STYLE, vocab_size=262144, n_layer=18, n_embd=640, n_head=4, n_kv_head=1,
                         head_dim=256, intermediate_size=2048, block_size=32768, rope_theta=1e6,

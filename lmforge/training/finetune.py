@@ -67,6 +67,7 @@ def setup(recipe: Recipe):
 
 # recipe.objective -> "module:function" running it (a function of (recipe, merge) -> summary dict)
 RUNNERS: dict[str, str] = {"sft": "lmforge.training.finetune:run_sft"}
+RUNNERS["pretrain"] = "lmforge.training.pretrain:run"
 RUNNERS["distill"] = "lmforge.training.distill:run"
 
 

@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -137,8 +137,9 @@ class MetricsLog:
 
 
 def train(model: nn.Module, objective: Objective, data: Batches, cfg: TrainConfig, out_dir: str | Path,
-          eval_batches: list[dict] | None = None) -> dict:
-    """Run (or resume) training into `out_dir`; return a summary (steps, losses, paths)."""
+          eval_batches: list[dict] | None = None, row_hook: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) training into `out_dir`; return a summary (steps, losses, paths). `row_hook(row)` may add
+    fields to each step's metrics row (pretraining's MFU, training/mfu.py)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
@@ -163,6 +164,8 @@ def train(model: nn.Module, objective: Objective, data: Batches, cfg: TrainConfi
     try:
         for step in range(start, cfg.max_steps):
             row = _train_step(model, objective, data, opt, params, cfg, step, device, amp)
+            if row_hook is not None:
+                row_hook(row)
             last = step + 1 == cfg.max_steps
             if eval_batches and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                 eval_loss = row["eval_loss"] = evaluate(model, objective, eval_batches, amp)
@@ -170,7 +173,8 @@ def train(model: nn.Module, objective: Objective, data: Batches, cfg: TrainConfi
                 metrics.write(row)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or "eval_loss" in row:
                 state = {"data": data.state(), "python_rng": _py_rng_state(), "train": asdict(cfg)}
                 save_checkpoint(ckpt_root, step + 1, params, {**optimizer_tensors(opt, names), **rng_tensors()},
