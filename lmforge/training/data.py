@@ -160,7 +160,10 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict:
 
 
 class Batches:
-    """Deterministic micro-batches: rows shuffled per epoch from (seed, epoch); resumable by position."""
+    """Deterministic micro-batches: rows shuffled per epoch from (seed, epoch); resumable by position.
+    `collate` turns picked rows into a batch (preferences.PreferenceBatches swaps in the pair collate)."""
+
+    collate = staticmethod(collate)
 
     def __init__(self, rows: list[list[Example]], micro_batch: int, pad_id: int, seed: int = 0,
                  shuffle: bool = True) -> None:
@@ -185,7 +188,7 @@ class Batches:
         order = self._order(self.epoch)
         picked = order[self.index * self.micro_batch:(self.index + 1) * self.micro_batch]
         self.index += 1
-        return collate([self.rows[i] for i in picked], self.pad_id)
+        return self.collate([self.rows[i] for i in picked], self.pad_id)
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -195,8 +198,8 @@ class Batches:
 
     def all(self) -> list[dict[str, torch.Tensor]]:
         """Every micro-batch once in file order (evaluation)."""
-        return [collate(self.rows[i:i + self.micro_batch], self.pad_id) for i in range(0, len(self.rows),
-                                                                                        self.micro_batch)]
+        return [self.collate(self.rows[i:i + self.micro_batch], self.pad_id)
+                for i in range(0, len(self.rows), self.micro_batch)]
 
 
 def build_rows(path: str | Path, tokenizer, template: str, max_length: int, packing: bool) -> list[list[Example]]:

@@ -11,8 +11,9 @@ Submodule and parameter names equal PEFT's (lora_A, lora_B, lora_magnitude_vecto
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ class LoRALinear(nn.Module):
         self.out_features, self.in_features = base.weight.shape
         self._init_base(base, config)
         self.scaling, self.dora, self.merged = config.scaling, config.dora, False
+        self.disabled = False  # disabled_adapters(): the layer computes its frozen base only
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)  # a bf16 base gets bf16 adapters
         self.lora_A = nn.Linear(self.in_features, config.rank, **kw)
@@ -92,6 +94,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
+        if self.disabled:
+            base = self.base_linear(x)
+            return base + self.bias if self.bias is not None else base
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         h = self.lora_dropout(x)
@@ -243,6 +248,24 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable adapter tensors under our names (…q_proj.lora_A.weight, …)."""
     return {name: p for name, p in model.named_parameters() if "lora_" in name}
+
+
+@contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every LoRA/DoRA/QLoRA layer computes its frozen base alone, so the model is the
+    base model (DPO's and PPO's reference) with no second copy in memory (PEFT's `disable_adapter`)."""
+    layers = lora_layers(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(f"LoRA layer {merged[0]} is merged into its base weight; unmerge_lora(model) "
+                         "before disabling the adapters")
+    for layer in layers.values():
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.disabled = False
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -169,6 +169,7 @@ def train(model: nn.Module, objective: Objective, data: Batches, cfg: TrainConfi
             last = step + 1 == cfg.max_steps
             if eval_batches and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                 eval_loss = row["eval_loss"] = evaluate(model, objective, eval_batches, amp)
+                row.update(objective_metrics(objective, "eval_"))
             if (step + 1) % cfg.log_every == 0 or last or "eval_loss" in row:
                 metrics.write(row)
             if bar is not None:
@@ -198,6 +199,7 @@ def _train_step(model, objective, data: Batches, opt, params, cfg: TrainConfig, 
     for group in opt.param_groups:
         group["lr"] = lr
     loss = 0.0
+    objective_metrics(objective)  # drop what calls outside this step recorded
     for batch in micro:
         with _autocast(device, amp):
             part = objective(model, {**_to(batch, device), "loss_tokens": max(1, loss_tokens)})
@@ -210,8 +212,16 @@ def _train_step(model, objective, data: Batches, opt, params, cfg: TrainConfig, 
     seconds = time.perf_counter() - t0
     tokens = sum(int(b["num_tokens"]) for b in micro)  # real tokens, padding not counted
     row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-           "loss_tokens": loss_tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
+           "loss_tokens": loss_tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
+           **objective_metrics(objective)}
     return {**row, **_expert_metrics(model)} if moe else row
+
+
+def objective_metrics(objective: Objective, prefix: str = "") -> dict[str, float]:
+    """Extra floats an objective reports through its optional `take_metrics()` (DPO's reward margin and
+    preference accuracy, objectives/dpo.py) since it was last asked, for the metrics row."""
+    take = getattr(objective, "take_metrics", None)
+    return {f"{prefix}{k}": v for k, v in take().items()} if take is not None else {}
 
 
 def _expert_metrics(model) -> dict:

@@ -52,6 +52,9 @@ def token_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 def count_loss_tokens(batch: dict) -> int:
     """Tokens that carry a label in this micro-batch: next-token labels from position 1 on, or where they
-    stand with batch["label_shift"] == 0 (masked-LM, training/mlm.py)."""
+    stand with batch["label_shift"] == 0 (masked-LM, training/mlm.py); batch["loss_units"] when the loss is a
+    mean over other units (preference pairs, objectives/dpo.py)."""
+    if "loss_units" in batch:
+        return int(batch["loss_units"])
     shift = int(batch.get("label_shift", 1))
     return int((batch["labels"][:, shift:] != IGNORE_INDEX).sum())
