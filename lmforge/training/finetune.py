@@ -67,6 +67,7 @@ def setup(recipe: Recipe):
 
 # recipe.objective -> "module:function" running it (a function of (recipe, merge) -> summary dict)
 RUNNERS: dict[str, str] = {"sft": "lmforge.training.finetune:run_sft"}
+RUNNERS["dpo"] = "lmforge.training.dpo:run"
 RUNNERS["pretrain"] = "lmforge.training.pretrain:run"
 RUNNERS["distill"] = "lmforge.training.distill:run"
 
@@ -151,13 +152,18 @@ def data(name: str = "python-faq", out: str | None = None, held_out: float = 0.1
     """Build a shipped instruction set as Alpaca JSONL (train.jsonl + eval.jsonl).
 
     Args:
-        name: the data set; python-faq = the Python FAQ from Debian's python3.11-doc.
+        name: the data set; python-faq = the Python FAQ from Debian's python3.11-doc; python-faq-pairs = DPO
+            pairs (FAQ answer chosen, SmolLM2-135M-Instruct's own answer rejected; generates ~360 answers).
         out: output folder (default: the lmforge cache, where `finetune` looks).
         held_out: fraction held out for evaluation.
         seed: seed of the split.
     """
+    if name == "python-faq-pairs":  # preference pairs for DPO: FAQ answer chosen, the model's own rejected
+        from lmforge.training.preference_data import build_command
+
+        return build_command(out, held_out, seed)
     if name != "python-faq":
-        raise ValueError(f"unknown data set {name!r}; available: python-faq")
+        raise ValueError(f"unknown data set {name!r}; available: python-faq, python-faq-pairs")
     train_file, eval_file = python_faq_dataset(out or default_data_dir(), held_out, seed)
     for f in (train_file, eval_file):
         print(f"{f}: {sum(1 for _ in open(f))} records")

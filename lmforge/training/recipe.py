@@ -17,6 +17,7 @@ import yaml
 
 from lmforge.training.continual import ContinualConfig
 from lmforge.training.lora import LoRAConfig
+from lmforge.training.objectives.dpo import DPOConfig
 from lmforge.training.pretrain import PretrainConfig
 from lmforge.training.objectives.distill import DistillConfig
 from lmforge.training.trainer import TrainConfig
@@ -58,6 +59,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
@@ -65,6 +67,7 @@ class Recipe:
 
 # section name -> its config dataclass; each is also a Recipe field of the same name
 SECTIONS = {"data": DataConfig, "lora": LoRAConfig, "train": TrainConfig}
+SECTIONS["dpo"] = DPOConfig
 SECTIONS["pretrain"] = PretrainConfig
 SECTIONS.update(distill=DistillConfig, continual=ContinualConfig)
 

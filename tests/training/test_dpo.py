@@ -244,3 +244,24 @@ def test_tiny_dpo_run_learns_its_pairs_and_resumes_after_kill(tmp_path) -> None:
     assert final.wait(timeout=180) == 0, final.stderr.read().decode()[-2000:]
     keys = ("step", "loss", "reward_margin", "preference_accuracy")
     assert [[r[k] for k in keys] for r in _rows(out)] == [[r[k] for k in keys] for r in rows]
+
+
+@pytest.mark.parametrize("adapter,loss", [("lora", "sigmoid"), ("full", "ipo")])
+def test_finetune_cli_runs_the_dpo_recipe(tmp_path, adapter, loss) -> None:
+    from lmforge import cli
+    from lmforge.checkpoint.hf import save_hf
+
+    from .conftest import QA, byte_tokenizer, write_jsonl
+
+    torch.manual_seed(0)
+    tiny = save_hf(build_model(Config.from_name("tiny-llama", vocab_size=VOCAB, block_size=128)), tmp_path / "tiny")
+    byte_tokenizer().save_hf(tiny)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": q, "chosen": a, "rejected": a + "?"} for q, a in QA])
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--recipe", "dpo", "--model", str(tiny), "--data", str(pairs), "--eval-data",
+                     str(pairs), "--out", str(out), "--overrides", "train.max_steps=2", "train.micro_batch=2",
+                     "train.grad_accum=1", "train.progress=false", "device=cpu", f"adapter={adapter}",
+                     f"dpo.loss={loss}", "dpo.max_prompt_length=48", "dpo.max_length=64"]) == 0
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {"reward_margin", "preference_accuracy", "eval_reward_margin", "eval_preference_accuracy"} <= set(last)
+    assert (out / ("adapter/adapter_model.safetensors" if adapter == "lora" else "model/config.json")).is_file()
