@@ -70,6 +70,7 @@ RUNNERS: dict[str, str] = {"sft": "lmforge.training.finetune:run_sft"}
 RUNNERS["dpo"] = "lmforge.training.dpo:run"
 RUNNERS["pretrain"] = "lmforge.training.pretrain:run"
 RUNNERS["distill"] = "lmforge.training.distill:run"
+RUNNERS.update(reward="lmforge.training.reward:run", ppo="lmforge.training.ppo:run")
 
 
 def run(recipe: Recipe, merge: bool = False) -> dict:
@@ -142,7 +143,8 @@ def finetune(overrides: list[str] | None = None, recipe: str = "lora", model: st
     spec.data.train = data or spec.data.train
     spec.data.eval = eval_data or spec.data.eval
     result = run(spec, merge=merge)
-    for key in ("adapter", "best_adapter", "averaged_adapter", "merged", "plot", "best_eval_loss"):
+    for key in ("adapter", "best_adapter", "averaged_adapter", "merged", "plot", "best_eval_loss", "reward_model",
+                "eval_accuracy", "first_reward", "last_reward", "max_kl"):
         if result.get(key) is not None:
             print(f"{key:>16}: {result[key]}")
     return 0

@@ -72,3 +72,29 @@ def plot_expert_load(runs: dict[str, list[dict]], out: Path) -> str | None:
             ax.set_xlabel("step", fontsize=8)
         axes[i][0].set_ylabel("share of tokens per expert", fontsize=8)
     return _save(plt, fig, out)
+
+
+def plot_ppo(rows: list[dict], out: Path) -> str | None:
+    """PPO (training/ppo.py): mean reward, the KL to the reference with its target, the policy's clip
+    fraction and entropy, and the value loss, per iteration; None without rows or matplotlib."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), dpi=100)
+    axes[0].plot(steps, [r["reward"] for r in rows], lw=1)
+    axes[0].set_ylabel("mean reward (score)")
+    axes[1].plot(steps, [r["kl"] for r in rows], lw=1, label="KL(policy || reference)")
+    if rows[-1].get("kl_target") is not None:
+        axes[1].axhline(rows[-1]["kl_target"], color="r", ls="--", lw=1, label="target")
+    axes[1].set_ylabel("nats per response")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(steps, [r["clip_frac"] for r in rows], lw=1, label="clip fraction")
+    axes[2].plot(steps, [r["entropy"] for r in rows], lw=1, label="entropy (nats/token)")
+    axes[2].legend(fontsize=8)
+    axes[3].plot(steps, [r["value_loss"] for r in rows], lw=1)
+    axes[3].set_ylabel("value loss")
+    for ax in axes:
+        ax.set_xlabel("PPO iteration")
+        ax.grid(alpha=0.3)
+    return _save(plt, fig, out)

@@ -19,7 +19,9 @@ from lmforge.training.continual import ContinualConfig
 from lmforge.training.lora import LoRAConfig
 from lmforge.training.objectives.dpo import DPOConfig
 from lmforge.training.pretrain import PretrainConfig
+from lmforge.training.reward import RewardConfig
 from lmforge.training.objectives.distill import DistillConfig
+from lmforge.training.ppo import PPOConfig
 from lmforge.training.trainer import TrainConfig
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
@@ -63,6 +65,8 @@ class Recipe:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 # section name -> its config dataclass; each is also a Recipe field of the same name
@@ -70,6 +74,7 @@ SECTIONS = {"data": DataConfig, "lora": LoRAConfig, "train": TrainConfig}
 SECTIONS["dpo"] = DPOConfig
 SECTIONS["pretrain"] = PretrainConfig
 SECTIONS.update(distill=DistillConfig, continual=ContinualConfig)
+SECTIONS.update(reward=RewardConfig, ppo=PPOConfig)
 
 
 def recipe_names() -> list[str]:
