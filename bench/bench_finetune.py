@@ -28,6 +28,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 RUNS = {  # name -> (engine, options)
     "lmforge LoRA": ("lmforge", {"quantize": "none", "packing": True, "ckpt": False}),
     "lmforge LoRA, grad. ckpt": ("lmforge", {"quantize": "none", "packing": True, "ckpt": True}),
+    "lmforge LoRA, glibc's default allocator": ("lmforge", {"quantize": "none", "packing": True, "ckpt": False,
+                                                             "env": {"LMFORGE_KEEP_FREED_MEMORY": "0"}}),
     "lmforge LoRA, no packing": ("lmforge", {"quantize": "none", "packing": False, "ckpt": False}),
     "lmforge LoRA, bf16 autocast, grad. ckpt": ("lmforge", {"quantize": "none", "packing": True, "ckpt": True,
                                                            "bf16": True}),
@@ -78,8 +80,11 @@ def worker_lmforge(model_path: Path, steps: int, opts: dict) -> dict:
     from lmforge.training.trainer import TrainConfig, _train_step, trainable_parameters
     from lmforge.training.optim import build_optimizer
 
+    from lmforge.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as trainer.train does on the CPU
     examples, tok = _examples(model_path)
-    model = load_model(model_path)
+    model = load_model(model_path, dtype=torch.float32)  # float linears (the default keeps GGUF blocks)
     apply_lora(model, LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules=TARGETS,
                                  quantize=opts["quantize"]))
     model.gradient_checkpointing = opts["ckpt"]
@@ -194,7 +199,7 @@ def main() -> None:
     for name in args.runs:
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps),
                                "--model", str(model_path)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **RUNS[name][1].get("env", {})})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         results[name] = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
             {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}

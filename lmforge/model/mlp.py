@@ -10,6 +10,34 @@ from lmforge.config import Config
 from lmforge.model.linear import Linear
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up keeping only gate and up for backward (autograd keeps silu(gate) too: one
+    (tokens x intermediate) tensor per layer more); silu is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dtype = gate.dtype
+        if dtype in (torch.bfloat16, torch.float16):  # in fp32, as silu_backward computes internally
+            gate, up, grad = gate.float(), up.float(), grad.float()
+        sig = torch.sigmoid(gate)
+        grad_up = grad * gate * sig  # d/d up = silu(gate)
+        grad_gate = grad * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig (1 + g (1 - sig))
+        return grad_gate.to(dtype), grad_up.to(dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; when training, through _SwiGLU (one saved activation less)."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with SiLU, GeGLU with tanh-GELU.
 
@@ -26,8 +54,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
-        gate = F.gelu(gate, approximate="tanh") if self.geglu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        if not self.geglu:
+            return self.down_proj(swiglu(gate, self.up_proj(x)))
+        return self.down_proj(F.gelu(gate, approximate="tanh") * self.up_proj(x))
 
 
 class GeluMLP(nn.Module):

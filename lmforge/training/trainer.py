@@ -21,6 +21,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from lmforge.allocator import keep_freed_memory
 from lmforge.model.moe import dropped_fraction, expert_usage, reset_usage
 from lmforge.training.checkpoints import (average_checkpoints, latest_checkpoint, read_index, restore_rng,
                                           rng_tensors, save_checkpoint)
@@ -145,6 +146,8 @@ def train(model: nn.Module, objective: Objective, data: Batches, cfg: TrainConfi
     ckpt_root = out_dir / "checkpoints"
     device = next(model.parameters()).device
     amp = autocast_dtype(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # reuse freed activations instead of fresh zero-filled pages (allocator.py)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
