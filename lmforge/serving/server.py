@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from lmforge.serving import protocol as P
 from lmforge.serving.async_engine import AsyncEngine
+from lmforge.serving.auth import APIKeyAuth
 from lmforge.serving.engine import Engine
 from lmforge.serving.limits import BodySizeLimit, Limits
 from lmforge.serving.metrics import Metrics
@@ -56,6 +57,8 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyAuth, api_key=settings.api_key)  # added last = runs first: before the body
     tok = engine.tokenizer
     context = engine.model.config.block_size
 
@@ -76,11 +79,6 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
     async def _http(_: Request, err: HTTPException) -> JSONResponse:
         return JSONResponse(P.error_body(str(err.detail), "not_found_error" if err.status_code == 404 else
                                          "invalid_request_error"), status_code=err.status_code)
-
-    def authorize(request: Request) -> None:
-        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                           "authentication_error")
 
     def check_model(name: str) -> None:
         if name != settings.model_name:
@@ -106,21 +104,18 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
         return Response(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "owned_by": "lmforge",
                                             "created": 0, "max_model_len": context}]}
 
     @app.post("/v1/completions")
-    async def completions(body: P.CompletionRequest, request: Request):
-        authorize(request)
+    async def completions(body: P.CompletionRequest):
         check_model(body.model)
         prompts = _prompt_list(body.prompt, tok)
         return await serve(body, prompts, body.max_tokens, body.logprobs or 0, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: P.ChatRequest, request: Request):
-        authorize(request)
+    async def chat(body: P.ChatRequest):
         check_model(body.model)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:

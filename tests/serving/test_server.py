@@ -98,6 +98,9 @@ GOOD = {"model": "smol", "prompt": "Hello", "max_tokens": 2}
     ({**GOOD, "prompt": [5] * 8200}, None, KEY, 400, "tokens"),
     (GOOD, None, None, 401, "API key"),
     (GOOD, None, "wrong", 401, "API key"),
+    (None, b"{not json", None, 401, "API key"),  # the key is checked before the body is read
+    ({**GOOD, "frobnicate": True}, None, "wrong", 401, "API key"),  # no schema details without the key
+    ({**GOOD, "prompt": "word " * 9000}, None, None, 401, "API key"),
 ])
 def test_bad_requests_get_json_errors_and_server_keeps_serving(server, client, body, raw, key, status, words):
     response = _post(server, "/v1/completions", body, key, raw)
