@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.generation.kv_cache import prefix_length
 from lmforge.generation.steps import decode_one_token, prefill
 from lmforge.generation.state_cache import make_cache
 from lmforge.generation.sampling import SamplingParams
@@ -39,12 +40,13 @@ def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[i
         eos_ids: tokens that end a hypothesis.
     """
     k = params.num_beams
-    max_new = min(params.max_new_tokens, model.config.block_size - len(prompt))
+    prefix = prefix_length(model)  # prefix tuning's virtual tokens take the cache's first slots
+    max_new = min(params.max_new_tokens, model.config.block_size - len(prompt) - prefix)
     if max_new < 1 or not prompt:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the {model.config.block_size}-token "
                          "context; shorten it")
     weight = next(model.parameters())
-    cache = make_cache(model.config, k, len(prompt) + max_new, dtype=weight.dtype, device=weight.device)
+    cache = make_cache(model.config, k, prefix + len(prompt) + max_new, dtype=weight.dtype, device=weight.device)
     ids = torch.tensor([prompt] * k, device=weight.device)
     logits, pos = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)
 

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from lmforge.generation.drafts import Draft
+from lmforge.generation.kv_cache import prefix_length
 from lmforge.generation.sampling import SamplingParams, sample
 from lmforge.generation.state_cache import make_cache
 from lmforge.generation.steps import decode_one_token, left_pad, prefill
@@ -39,19 +40,20 @@ class TokenStream:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token; got an empty prompt")
         longest = max(len(p) for p in prompts)
-        if longest >= config.block_size:
-            raise ValueError(f"the prompt has {longest} tokens but the model's context is {config.block_size}; "
-                             "shorten the prompt")
+        prefix = prefix_length(model)  # prefix tuning's virtual tokens take the cache's first slots
+        if longest + prefix >= config.block_size:
+            raise ValueError(f"the prompt has {longest} tokens (+{prefix} prefix) but the model's context is "
+                             f"{config.block_size}; shorten the prompt")
         if any(not 0 <= t < config.vocab_size for p in prompts for t in p):
             raise ValueError(f"prompt token ids must be in [0, {config.vocab_size})")
         self.model, self.params = model, params
-        self.max_new = min(params.max_new_tokens, config.block_size - longest)
+        self.max_new = min(params.max_new_tokens, config.block_size - longest - prefix)
         self.stop_ids = set() if params.ignore_eos else set(eos_ids)
         self.stop_ids |= set(params.stop_token_ids)
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
         # a KVCache, or per-layer recurrent state for Mamba and hybrids (generation/state_cache.py)
-        self.cache = make_cache(config, len(prompts), longest + self.max_new, dtype=dtype, device=device)
+        self.cache = make_cache(config, len(prompts), prefix + longest + self.max_new, dtype=dtype, device=device)
         ids, valid = left_pad(prompts, pad_id)
         self.aligned = bool(valid.all())  # no padding: positions are cache slots (decode_one_token)
         self.history = ids.masked_fill(~valid, -1).to(device) if params.repetition_penalty != 1.0 else None

@@ -66,6 +66,21 @@ class KVCache:
         self.high = max(self.high, self.length)
         return slot
 
+    def start_with(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fill the first P slots of every row with fixed keys/values, per layer (n_kv, P, hd) each (prefix
+        tuning's virtual tokens, positions 0..P-1, used as they are); the prompt goes after them."""
+        P = prefix[0][0].shape[1]
+        if self.length or any(self.rings):
+            raise ValueError("a prefix goes into an empty cache without window rings")
+        self._check_room(P)
+        for i, (k, v) in enumerate(prefix):
+            if self.k[i] is not None:
+                self.k[i][:, :, :P] = k
+                self.v[i][:, :, :P] = v
+        self.positions[:, :P] = torch.arange(P, device=self.positions.device)
+        self.valid[:, :P] = True
+        self.length = self.high = P
+
     def truncate(self, length: int) -> None:
         """Forget slots [length, self.length): speculative decoding rolls back rejected draft tokens.
 
@@ -123,3 +138,16 @@ class KVCache:
         self.positions = self.positions.index_select(0, index)
         self.valid = self.valid.index_select(0, index)
         self.batch_size = index.numel()
+
+
+def model_prefix(model) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer the keys/values (n_kv, P, hd) every sequence of `model` starts from: a prefix-tuning
+    `prefix_encoder` (training/prefix.py); None for a model without one."""
+    encoder = getattr(model, "prefix_encoder", None)
+    return None if encoder is None else encoder.key_values()
+
+
+def prefix_length(model) -> int:
+    """Cache slots the model's prefix takes before the prompt (0 without one)."""
+    encoder = getattr(model, "prefix_encoder", None)
+    return 0 if encoder is None else encoder.num_virtual_tokens

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from lmforge.generation.fused_decode import decode_step
-from lmforge.generation.kv_cache import KVCache
+from lmforge.generation.kv_cache import KVCache, model_prefix
 from lmforge.model.masks import positions_from_padding
 
 
@@ -24,11 +24,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 def prefill(model, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the prompts; return last-position logits (B, V) and each row's next position (B, 1)."""
+    """Run the prompts; return last-position logits (B, V) and each row's next position (B, 1).
+
+    A model with a prefix-tuning prefix gets it in the cache's first slots; the prompt's positions count on
+    from the slots already filled, as transformers counts them after a prefix cache."""
+    prefix = model_prefix(model) if cache.length == 0 else None
+    if prefix is not None:
+        cache.start_with(prefix)
+    start = cache.length
     padded = not bool(valid.all())
-    positions = positions_from_padding(valid) if padded else None
+    positions = positions_from_padding(valid) + start if padded else None
     logits = model(ids, cache=cache, positions=positions, valid=valid if padded else None, last_only=True)
-    next_pos = (positions[:, -1:] + 1) if padded else torch.full((ids.shape[0], 1), ids.shape[1], device=ids.device)
+    next_pos = (positions[:, -1:] + 1) if padded else torch.full((ids.shape[0], 1), start + ids.shape[1],
+                                                                    device=ids.device)
     return logits[:, -1], next_pos
 
 

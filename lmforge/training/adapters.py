@@ -1,5 +1,8 @@
 """Adapters in the PEFT layout: adapter_config.json + adapter_model.safetensors, PEFT key names.
 
+`load_adapter` and `save_adapter` take LoRA/DoRA/QLoRA here, prefixes (prefix.py) and bottleneck
+adapters (bottleneck.py) by peft_type.
+
 `peft.PeftModel.from_pretrained(hf_model, path)` loads what `save_adapter` writes; our names
 are already PEFT's after the `base_model.model.` prefix (model.layers.0.self_attn.q_proj.lora_A.weight).
 """
@@ -40,10 +43,19 @@ def _base_metadata(config: LoRAConfig) -> dict[str, str]:
 
 
 def save_adapter(model: nn.Module, path: str | Path, base_model: str | None = None) -> Path:
-    """Write the model's adapter (atomically, file by file) in the PEFT layout."""
+    """Write the model's adapter (atomically, file by file) in the PEFT layout: LoRA/DoRA/QLoRA, a prefix
+    (training/prefix.py) or bottleneck adapters (training/bottleneck.py), whichever the model carries."""
+    if hasattr(model, "prefix_encoder"):
+        from lmforge.training.prefix import save_prefix
+
+        return save_prefix(model, path, base_model)
+    if hasattr(model, "bottleneck_config"):
+        from lmforge.training.bottleneck import save_bottleneck
+
+        return save_bottleneck(model, path, base_model)
     config: LoRAConfig | None = getattr(model, "lora_config", None)
     if config is None:
-        raise ValueError("the model has no adapter; call apply_lora first")
+        raise ValueError("the model has no adapter; call apply_lora, apply_prefix or apply_bottleneck first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
@@ -75,8 +87,30 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
                       double_quant=meta.get("lmforge.double_quant", "True") == "True")
 
 
+def read_peft_type(path: str | Path) -> tuple[str, dict]:
+    """(peft_type, the whole adapter_config.json) of an adapter folder."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise ValueError(f"{file} not found; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    cfg = json.loads(file.read_text())
+    return str(cfg.get("peft_type", "LORA")), cfg
+
+
 def load_adapter(model: nn.Module, path: str | Path, quantize: str | None = None) -> nn.Module:
-    """Apply the adapter saved at `path` to `model` (in place); every key must match."""
+    """Apply the adapter saved at `path` to `model` (in place), by its peft_type: LORA, PREFIX_TUNING or
+    lmforge's BOTTLENECK; every key must match."""
+    peft_type, cfg = read_peft_type(path)
+    if peft_type == "PREFIX_TUNING":
+        from lmforge.training.prefix import load_prefix
+
+        return load_prefix(model, path, cfg)
+    if peft_type == "BOTTLENECK":
+        from lmforge.training.bottleneck import load_bottleneck
+
+        return load_bottleneck(model, path, cfg)
+    if peft_type != "LORA":
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: peft_type {peft_type!r} is not supported; lmforge loads "
+                         "LORA (with DoRA), PREFIX_TUNING and BOTTLENECK adapters")
     config = read_adapter_config(path)
     if quantize is not None:
         config.quantize = quantize

@@ -16,7 +16,10 @@ from lmforge.atomic import atomic_write_jsonl
 from lmforge.training.adapters import save_adapter
 from lmforge.training.continual import apply_continual
 from lmforge.training.data import Batches, build_rows
+from lmforge.training.bottleneck import apply_bottleneck
+from lmforge.training.full import apply_full, save_full
 from lmforge.training.lora import apply_lora, merge_and_unload
+from lmforge.training.prefix import apply_prefix
 from lmforge.training.objectives import sft_loss
 from lmforge.training.recipe import Recipe, load_recipe, to_dict
 from lmforge.training.trainer import train
@@ -49,7 +52,7 @@ def setup(recipe: Recipe):
 
     model, tokenizer = load(hub.resolve(recipe.model, pull_missing=recipe.model in hub.REGISTRY),
                             device=_device(recipe.device), dtype=torch.float32)  # adapters wrap float linears
-    apply_lora(model, recipe.lora)
+    apply_adapter(model, recipe)
     d = recipe.data
     train_path, eval_path = d.train, d.eval
     if train_path is None:
@@ -63,6 +66,24 @@ def setup(recipe: Recipe):
         eval_rows = build_rows(eval_path, tokenizer, d.template, d.max_length, packing=False)
         evals = Batches(eval_rows, recipe.train.micro_batch, pad, shuffle=False).all()
     return model, tokenizer, data, evals
+
+
+def apply_adapter(model, recipe: Recipe):
+    """Make the recipe's `adapter` the trained part: LoRA/DoRA/QLoRA, a prefix, bottleneck adapters or every weight."""
+    if recipe.adapter == "prefix":
+        return apply_prefix(model, recipe.prefix)
+    if recipe.adapter == "bottleneck":
+        return apply_bottleneck(model, recipe.bottleneck)
+    if recipe.adapter == "full":
+        return apply_full(model)
+    return apply_lora(model, recipe.lora)
+
+
+def save_trained(model, tokenizer, path: Path, recipe: Recipe) -> Path:
+    """The trained part: the whole model as a Hugging Face directory (full), else the adapter (PEFT layout)."""
+    if recipe.adapter == "full":
+        return save_full(model, tokenizer, path)
+    return save_adapter(model, path, base_model=recipe.model)
 
 
 # recipe.objective -> "module:function" running it (a function of (recipe, merge) -> summary dict)
@@ -84,6 +105,9 @@ def run(recipe: Recipe, merge: bool = False) -> dict:
 
 def run_sft(recipe: Recipe, merge: bool = False) -> dict:
     """Train (resuming when out_dir has checkpoints), then write the adapters and optional merged model."""
+    if merge and recipe.adapter != "lora":
+        raise ValueError(f"--merge folds a LoRA adapter into the base; adapter={recipe.adapter!r} has nothing to "
+                         "fold (full fine-tuning writes the whole model to out_dir/model already); drop --merge")
     out = Path(recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
@@ -92,11 +116,12 @@ def run_sft(recipe: Recipe, merge: bool = False) -> dict:
     data, objective = apply_continual(recipe.continual, model, tokenizer, data, sft_loss, d.template, d.max_length,
                                       d.packing, recipe.train.seed)
     summary = train(model, objective, data, recipe.train, out, eval_batches=evals)
-    summary["adapter"] = str(save_adapter(model, out / "adapter", base_model=recipe.model))
+    kind = "model" if recipe.adapter == "full" else "adapter"
+    summary[kind] = str(save_trained(model, tokenizer, out / kind, recipe))
     for key in ("best", "averaged"):
         if summary.get(key):
-            _write_variant(model, summary[key], out / key, recipe.model)
-            summary[f"{key}_adapter"] = str(out / key)
+            _write_variant(model, summary[key], lambda: save_trained(model, tokenizer, out / key, recipe))
+            summary[f"{key}_{kind}"] = str(out / key)
     if merge:
         merged = merge_and_unload(model)
         from lmforge.checkpoint.hf import save_hf
@@ -108,8 +133,8 @@ def run_sft(recipe: Recipe, merge: bool = False) -> dict:
     return summary
 
 
-def _write_variant(model, source, path: Path, base: str) -> None:
-    """Save the adapter of another checkpoint (best) or of averaged tensors, restoring the last after."""
+def _write_variant(model, source, save) -> None:
+    """`save()` the trained tensors of another checkpoint (best) or averaged ones, restoring the last after."""
     from safetensors.torch import load_file
 
     tensors = source if isinstance(source, dict) else load_file(str(Path(source) / "trainable.safetensors"))
@@ -118,7 +143,7 @@ def _write_variant(model, source, path: Path, base: str) -> None:
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v)
-        save_adapter(model, path, base_model=base)
+        save()
         for k, v in saved.items():
             params[k].copy_(v)
 
@@ -126,15 +151,17 @@ def _write_variant(model, source, path: Path, base: str) -> None:
 def finetune(overrides: list[str] | None = None, recipe: str = "lora", model: str | None = None,
              data: str | None = None, eval_data: str | None = None, out: str | None = None,
              merge: bool = False) -> int:
-    """Fine-tune a model with LoRA, DoRA or QLoRA; run it again to resume after a stop.
+    """Fine-tune a model with LoRA, DoRA, QLoRA, prefix tuning, bottleneck adapters or all weights; run it
+    again to resume after a stop.
 
     Args:
         overrides: dotted settings such as train.max_steps=50 lora.rank=16 data.packing=false.
-        recipe: lora, dora, qlora (packaged YAML) or a path to a recipe YAML.
+        recipe: lora, dora, qlora, prefix, bottleneck, full (packaged YAML) or a path to a recipe YAML.
         model: a model name, a .gguf file or a Hugging Face directory (overrides the recipe).
         data: training JSONL (Alpaca or chat records); default: the Python FAQ set.
         eval_data: held-out JSONL evaluated every train.eval_every steps.
-        out: output folder (checkpoints, metrics.jsonl, loss.png, adapter/, best/); resumes when it has checkpoints.
+        out: output folder (checkpoints, metrics.jsonl, loss.png, adapter/ or model/ for full, best/); resumes
+            when it has checkpoints.
         merge: also write the merged model as a Hugging Face directory (out/merged).
     """
     spec = load_recipe(recipe, overrides)
@@ -143,7 +170,8 @@ def finetune(overrides: list[str] | None = None, recipe: str = "lora", model: st
     spec.data.train = data or spec.data.train
     spec.data.eval = eval_data or spec.data.eval
     result = run(spec, merge=merge)
-    for key in ("adapter", "best_adapter", "averaged_adapter", "merged", "plot", "best_eval_loss", "reward_model",
+    for key in ("adapter", "best_adapter", "averaged_adapter", "model", "best_model",
+                "merged", "plot", "best_eval_loss", "reward_model",
                 "eval_accuracy", "first_reward", "last_reward", "max_kl"):
         if result.get(key) is not None:
             print(f"{key:>16}: {result[key]}")

@@ -16,7 +16,9 @@ from typing import Any, Literal
 import yaml
 
 from lmforge.training.continual import ContinualConfig
+from lmforge.training.bottleneck import BottleneckConfig
 from lmforge.training.lora import LoRAConfig
+from lmforge.training.prefix import PrefixConfig
 from lmforge.training.objectives.dpo import DPOConfig
 from lmforge.training.pretrain import PretrainConfig
 from lmforge.training.reward import RewardConfig
@@ -49,8 +51,8 @@ class Recipe:
     """A whole training run: model, objective, what is trained, data, loop, output folder.
 
     `objective` picks the runner (finetune.RUNNERS: sft, dpo, distill, ...); `adapter` what is
-    trained (lora also covers DoRA/QLoRA through the lora section). A section of another objective
-    or adapter may stay in the YAML at its defaults; it is simply not read.
+    trained: lora (also DoRA/QLoRA through the lora section), prefix, bottleneck, or full (every weight).
+    A section of another objective or adapter may stay in the YAML at its defaults; it is simply not read.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -61,6 +63,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -71,6 +75,7 @@ class Recipe:
 
 # section name -> its config dataclass; each is also a Recipe field of the same name
 SECTIONS = {"data": DataConfig, "lora": LoRAConfig, "train": TrainConfig}
+SECTIONS.update(prefix=PrefixConfig, bottleneck=BottleneckConfig)
 SECTIONS["dpo"] = DPOConfig
 SECTIONS["pretrain"] = PretrainConfig
 SECTIONS.update(distill=DistillConfig, continual=ContinualConfig)

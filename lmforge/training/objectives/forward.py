@@ -12,6 +12,7 @@ from lmforge.model.attention import AttentionContext
 from lmforge.model.masks import attention_mask
 from lmforge.model.moe import recomputation
 from lmforge.model.sparse import sparse_context
+from lmforge.training.prefix import prefix_contexts
 
 
 def _contexts(model, positions: torch.Tensor, seq_ids: torch.Tensor | None) -> dict[str, AttentionContext]:
@@ -42,7 +43,12 @@ def hidden_states(model, batch: dict) -> torch.Tensor:
     if model.config.arch == "mamba":
         return _ssm_hidden_states(model, batch)
     ids, positions = batch["input_ids"], batch["positions"]
+    prefix = getattr(model, "prefix_encoder", None)  # prefix tuning (training/prefix.py)
+    if prefix is not None:  # real tokens count on from the P virtual ones, as transformers counts them
+        positions = positions + prefix.num_virtual_tokens
     contexts = _contexts(model, positions, batch.get("seq_ids"))
+    if prefix is not None:
+        contexts = prefix_contexts(model, contexts, ids.shape[1])
     x = model.embed(ids, positions)
     use_ckpt = getattr(model, "gradient_checkpointing", False) and torch.is_grad_enabled()
     moe = {"context_fn": _moe_contexts} if model.config.n_experts else {}
