@@ -257,7 +257,8 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
           kv_cache_mib: int = 512, block_size: int = 16, prefix_caching: bool = True, max_concurrent: int = 128,
           max_body_bytes: int = 1 << 20, max_tokens: int = 4096, max_n: int = 8, semantic_cache: bool = False,
           semantic_threshold: float = 0.95, device: str = "auto", dtype: str = "auto", speculative: str | None = None,
-          draft_tokens: int | None = None) -> int:
+          draft_tokens: int | None = None, guard: bool = False, guard_block_injection: bool = False,
+          guard_trusted_keys: str | None = None) -> int:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
 
     Args:
@@ -281,6 +282,9 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
         dtype: float32, bfloat16, float16 or auto (bf16 on CUDA; on the CPU a quantized GGUF runs its blocks natively, anything else fp32; float32 dequantizes).
         speculative: exact speculative decoding per request: ngram (prompt lookup) or model:PATH (same tokenizer).
         draft_tokens: tokens drafted per step, 1..16 (none: adaptive, from 4).
+        guard: scan user text for injections and redact PII in replies (lmforge.safety's Guard; findings in /metrics).
+        guard_block_injection: with --guard, refuse (400) user text the injection detector flags.
+        guard_trusted_keys: comma-separated API keys that may send 'X-Lmforge-Guard: off' to skip the guard.
     """
     import os
 
@@ -297,7 +301,8 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
                                            prefix_caching=prefix_caching), draft=_draft_factory(draft))
     limits = Limits(max_body_bytes=max_body_bytes, max_tokens=max_tokens, max_n=max_n, max_concurrent=max_concurrent,
                     max_prompt_tokens=net.config.block_size - 1)
-    settings = ServerSettings(served_name or model, api_key or os.environ.get("LMFORGE_API_KEY"), limits)
+    settings = ServerSettings(served_name or model, api_key or os.environ.get("LMFORGE_API_KEY"), limits,
+                              _server_guard(guard, guard_block_injection, guard_trusted_keys))
     cache = None
     if semantic_cache:
         from lmforge.rag.embed import MiniLMEmbedder
@@ -309,6 +314,18 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
           file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
     return 0
+
+
+def _server_guard(on: bool, block_injection: bool, trusted_keys: str | None):
+    if not on:
+        if block_injection or trusted_keys:
+            raise ValueError("--guard-block-injection and --guard-trusted-keys need --guard")
+        return None
+    from lmforge.safety.guard import Guard, GuardConfig
+    from lmforge.serving.guarding import ServerGuard
+
+    keys = {k.strip() for k in (trusted_keys or "").split(",") if k.strip()}
+    return ServerGuard(Guard(GuardConfig(block_injection=block_injection)), keys)
 
 
 def export(model: str, *, out: str, format: Literal["hf", "gguf"] = "hf",

@@ -10,16 +10,17 @@ OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers need no key, as in v
 
 
 class APIKeyAuth:
-    """401 for every path but OPEN_PATHS unless `Authorization: Bearer <key>` matches (constant-time)."""
+    """401 for every path but OPEN_PATHS unless `Authorization: Bearer <key>` names one of the keys
+    (each compared in constant time)."""
 
-    def __init__(self, app, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+    def __init__(self, app, api_keys: set[str]) -> None:
+        self.app, self.expected = app, [f"Bearer {key}".encode() for key in sorted(api_keys)]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("path", "") in OPEN_PATHS:
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or {}).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        if any([hmac.compare_digest(given, key) for key in self.expected]):  # a list: no early exit
             return await self.app(scope, receive, send)
         await _unauthorized(send)
 

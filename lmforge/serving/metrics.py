@@ -34,6 +34,8 @@ class Metrics:
         self.spec_drafted = Gauge("lmforge_spec_draft_tokens", "Speculative draft tokens proposed", registry=r)
         self.spec_accepted = Gauge("lmforge_spec_accepted_tokens", "Speculative draft tokens accepted", registry=r)
         self.spec_acceptance = Gauge("lmforge_spec_acceptance_rate", "Accepted / proposed draft tokens", registry=r)
+        self.guard_findings = Counter("lmforge_guard_findings", "Guard findings by stage (input, output) and kind",
+                                      ["stage", "kind"], registry=r)
         self._token_times: dict[int, float] = {}
 
     def observe_step(self, engine, outputs) -> None:

@@ -21,6 +21,7 @@ from lmforge.serving import protocol as P
 from lmforge.serving.async_engine import AsyncEngine
 from lmforge.serving.auth import APIKeyAuth
 from lmforge.serving.engine import Engine
+from lmforge.serving.guarding import ServerGuard, StreamRedactor, check_user_texts, redact_output
 from lmforge.serving.limits import BodySizeLimit, Limits
 from lmforge.serving.metrics import Metrics
 from lmforge.serving.semantic_cache import CachedCompletion
@@ -33,6 +34,7 @@ class ServerSettings:
     model_name: str
     api_key: str | None = None
     limits: Limits = None  # type: ignore[assignment]
+    guard: ServerGuard | None = None  # `serve --guard`: input scan, output redaction (guarding.py)
 
     def __post_init__(self) -> None:
         self.limits = self.limits or Limits()
@@ -57,8 +59,9 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
-    if settings.api_key:
-        app.add_middleware(APIKeyAuth, api_key=settings.api_key)  # added last = runs first: before the body
+    if settings.api_key:  # a guard's trusted keys are API keys too, with the right to switch the guard off
+        keys = {settings.api_key} | (settings.guard.trusted_keys if settings.guard else set())
+        app.add_middleware(APIKeyAuth, api_keys=keys)  # added last = runs first: before the body is read
     tok = engine.tokenizer
     context = engine.model.config.block_size
 
@@ -108,25 +111,44 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "owned_by": "lmforge",
                                             "created": 0, "max_model_len": context}]}
 
+    def guarded(request: Request, texts: list[str]) -> tuple[list[str], bool]:
+        """(texts, whether the output guard runs): user texts scanned, blocked ones refused."""
+        if settings.guard is None or not settings.guard.active_for(request.headers):
+            return texts, False
+        texts, blocked = check_user_texts(settings.guard.guard, metrics, texts)
+        if blocked:
+            raise APIError(400, f"refused by the guard: {'; '.join(blocked)}", param="messages")
+        return texts, True
+
     @app.post("/v1/completions")
-    async def completions(body: P.CompletionRequest):
+    async def completions(body: P.CompletionRequest, request: Request):
         check_model(body.model)
+        texts = [body.prompt] if isinstance(body.prompt, str) else \
+            [p for p in body.prompt if isinstance(p, str)] if isinstance(body.prompt, list) else []
+        texts, on = guarded(request, texts)  # token-id prompts: nothing to scan, the output is still guarded
+        if texts:
+            body.prompt = texts[0] if isinstance(body.prompt, str) else texts
         prompts = _prompt_list(body.prompt, tok)
-        return await serve(body, prompts, body.max_tokens, body.logprobs or 0, chat=False)
+        return await serve(body, prompts, body.max_tokens, body.logprobs or 0, chat=False, guard_on=on)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: P.ChatRequest):
+    async def chat(body: P.ChatRequest, request: Request):
         check_model(body.model)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        texts, on = guarded(request, [messages[i]["content"] for i in users])
+        for i, text in zip(users, texts):
+            messages[i]["content"] = text
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
         k = (body.top_logprobs or 1) if body.logprobs else 0
         return await serve(body, [tok.encode(text, add_special_tokens=False)], body.max_completion_tokens or
-                           body.max_tokens, k, chat=True)
+                           body.max_tokens, k, chat=True, guard_on=on)
 
-    async def serve(body, prompts: list[list[int]], requested: int | None, logprobs: int, chat: bool):
+    async def serve(body, prompts: list[list[int]], requested: int | None, logprobs: int, chat: bool,
+                    guard_on: bool = False):
         lim = settings.limits
         if body.n > lim.max_n:
             raise APIError(400, f"n={body.n} is above this server's limit {lim.max_n}", param="n")
@@ -151,13 +173,20 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
         state["active"] += 1
         kind = "chat.completion" if chat else "text_completion"
         request_id = P.new_id("chatcmpl" if chat else "cmpl")
+        redactor = StreamRedactor(settings.guard.guard, metrics) if guard_on else None
         if body.stream:
-            events = _stream_events(streams, tok, chat, logprobs, body, request_id, settings.model_name, kind)
+            events = _stream_events(streams, tok, chat, logprobs, body, request_id, settings.model_name, kind,
+                                    redactor)
             return StreamingResponse(_sse(_release(events, state)), media_type="text/event-stream")
         try:
             choices, n_prompt, n_out = await _collect(streams, tok, chat, logprobs)
         finally:
             state["active"] -= 1
+        if guard_on:
+            for choice in choices:
+                field = choice["message"] if chat else choice
+                field["content" if chat else "text"] = redact_output(settings.guard.guard, metrics,
+                                                                    field["content" if chat else "text"])
         if cache_key is not None:
             text = choices[0]["message"]["content"] if chat else choices[0]["text"]
             entry = CachedCompletion(text, choices[0]["finish_reason"], n_out)
@@ -244,7 +273,7 @@ async def _collect(streams, tok, chat: bool, logprobs: int) -> tuple[list[dict],
     return choices, n_prompt, n_out
 
 
-async def _stream_events(streams, tok, chat, logprobs, body, request_id, model, kind):
+async def _stream_events(streams, tok, chat, logprobs, body, request_id, model, kind, redactor=None):
     """Chunks for the SSE stream: role first (chat), then text deltas, finish reasons, usage."""
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
     if chat:
@@ -258,11 +287,12 @@ async def _stream_events(streams, tok, chat, logprobs, body, request_id, model, 
         if logprobs and out.token is not None:
             entry = [_entry(tok, out)]
             lp = P.chat_logprobs(entry) if chat else P.completion_logprobs(entry)
-        if not out.text and not out.finished and lp is None:
+        text = redactor.feed(index, out.text, out.finished) if redactor is not None else out.text
+        if not text and not out.finished and lp is None:
             continue
         reason = (out.seq.finish_reason or "stop") if out.finished else None
         choice = {"index": index, "logprobs": lp, "finish_reason": reason}
-        choice.update({"delta": {"content": out.text}} if chat else {"text": out.text})
+        choice.update({"delta": {"content": text}} if chat else {"text": text})
         yield P.envelope(chunk_kind, request_id, model, [choice])
     if body.stream_options and body.stream_options.include_usage:
         yield P.envelope(chunk_kind, request_id, model, [], usage=P.usage(sum(len(ids) for _, ids, _ in streams),
