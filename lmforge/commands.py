@@ -80,7 +80,8 @@ def _load(model: str, device: str = "auto", dtype: str = "auto"):
 
 
 def _with_adapter(net, adapter: str | None):
-    """The model with a fine-tuned adapter (LoRA/DoRA/QLoRA, PEFT layout) applied in place, in eval mode."""
+    """The model with a fine-tuned adapter (LoRA/DoRA/QLoRA, prefix, bottleneck; PEFT layout) applied in place,
+    in eval mode."""
     if not adapter:
         return net
     from lmforge.checkpoint.gguf_blocks import dequantize_model
@@ -148,7 +149,7 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
         chat: format the prompt with the checkpoint's chat template.
         device: cpu, cuda, cuda:N or auto (CUDA when present).
         dtype: float32, bfloat16, float16 or auto (bf16 on CUDA; on the CPU a quantized GGUF runs its blocks natively, anything else fp32; float32 dequantizes).
-        adapter: a LoRA/DoRA/QLoRA adapter folder (PEFT layout, e.g. runs/lora/adapter) applied to the model.
+        adapter: an adapter folder (PEFT layout: LoRA/DoRA/QLoRA, prefix tuning, bottleneck; e.g. runs/lora/adapter).
         speculative: exact speculative decoding with a draft: ngram (prompt lookup) or model:PATH (same tokenizer).
         draft_tokens: tokens drafted per step, 1..16 (none: adaptive, from 4).
     """
@@ -197,7 +198,7 @@ def chat(model: str = DEFAULT, system: str | None = None, max_tokens: int = 256,
         seed: random seed for reproducible replies.
         device: cpu, cuda, cuda:N or auto (CUDA when present).
         dtype: float32, bfloat16, float16 or auto (bf16 on CUDA; on the CPU a quantized GGUF runs its blocks natively, anything else fp32; float32 dequantizes).
-        adapter: a LoRA/DoRA/QLoRA adapter folder (PEFT layout, e.g. runs/lora/adapter) applied to the model.
+        adapter: an adapter folder (PEFT layout: LoRA/DoRA/QLoRA, prefix tuning, bottleneck; e.g. runs/lora/adapter).
         speculative: exact speculative decoding with a draft: ngram (prompt lookup) or model:PATH (same tokenizer).
         draft_tokens: tokens drafted per step, 1..16 (none: adaptive, from 4).
     """
