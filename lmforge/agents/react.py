@@ -88,6 +88,7 @@ class Step:
     final_answer: str | None = None
     error: str | None = None
     guard: dict | None = None  # what the guard found in the observation (injection score, PII, reasons)
+    calls: list[dict] | None = None  # JSON agent: every tool call of the step (they run in parallel)
     seconds: float = 0.0
 
 
