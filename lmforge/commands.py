@@ -131,7 +131,9 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
              top_p: float = 0.9, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop: list[str] | None = None, num_beams: int = 1, chat: bool = True, device: str = "auto",
              dtype: str = "auto",
-             adapter: str | None = None, speculative: str | None = None, draft_tokens: int | None = None) -> int:
+             adapter: str | None = None, speculative: str | None = None, draft_tokens: int | None = None,
+             json_schema: str | None = None, regex: str | None = None, choice: str | None = None,
+             grammar: str | None = None) -> int:
     """Answer one prompt and stream the text as it is generated.
 
     Args:
@@ -152,8 +154,15 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
         adapter: an adapter folder (PEFT layout: LoRA/DoRA/QLoRA, prefix tuning, bottleneck; e.g. runs/lora/adapter).
         speculative: exact speculative decoding with a draft: ngram (prompt lookup) or model:PATH (same tokenizer).
         draft_tokens: tokens drafted per step, 1..16 (none: adaptive, from 4).
+        json_schema: a JSON Schema file the output must satisfy (constrained decoding).
+        regex: a regular expression the whole output must match.
+        choice: comma-separated strings; the output is exactly one of them.
+        grammar: a GBNF (llama.cpp) or Lark grammar file the output must follow.
     """
+    import dataclasses
+
     from lmforge.generation.beam import beam_generate
+    from lmforge.generation.constrained import constraint_from_flags
     from lmforge.generation.generate import stream_batch
 
     if num_beams > 1 and speculative:
@@ -161,6 +170,7 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
     if num_beams > 1:
         temperature = 0.0
     params = _params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams)
+    params = dataclasses.replace(params, constraint=constraint_from_flags(json_schema, regex, choice, grammar))
     draft = _draft(speculative, draft_tokens, device, dtype)
     net, tok = _load(model, device, dtype)
     net = _with_adapter(net, adapter)
@@ -168,7 +178,7 @@ def generate(prompt: str, model: str = DEFAULT, max_tokens: int = 128, temperatu
         if chat else tok.encode(prompt)
     start, pieces = time.perf_counter(), 0
     if num_beams > 1:
-        print(tok.decode(beam_generate(net, ids, params, tok.stop_ids), skip_special_tokens=True), end="")
+        print(tok.decode(beam_generate(net, ids, params, tok.stop_ids, tok), skip_special_tokens=True), end="")
     else:
         completions: list = []
         for _, delta in stream_batch(net, tok, [ids], params, completions, draft=draft):

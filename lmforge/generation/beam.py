@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.generation.constrained import GrammarState, apply_mask
 from lmforge.generation.kv_cache import prefix_length
 from lmforge.generation.steps import decode_one_token, prefill
 from lmforge.generation.state_cache import make_cache
@@ -32,12 +33,13 @@ def _finished_better(finished: list[Hypothesis], candidate: Hypothesis, num_beam
 
 
 @torch.inference_mode()
-def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[int]) -> list[Hypothesis]:
+def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[int], tokenizer=None
+                ) -> list[Hypothesis]:
     """The best hypotheses for one prompt, best first.
 
     Args:
-        prompt: token ids. params: num_beams, max_new_tokens, length_penalty, early_stopping.
-        eos_ids: tokens that end a hypothesis.
+        prompt: token ids. params: num_beams, max_new_tokens, length_penalty, early_stopping, constraint.
+        eos_ids: tokens that end a hypothesis. tokenizer: needed only by a constraint.
     """
     k = params.num_beams
     prefix = prefix_length(model)  # prefix tuning's virtual tokens take the cache's first slots
@@ -57,14 +59,20 @@ def beam_search(model, prompt: list[int], params: SamplingParams, eos_ids: set[i
         pos = pos + 1
         return out
 
-    return search_beams(logits, advance, params, eos_ids, max_new)
+    grammar = None
+    if params.constraint is not None:
+        if tokenizer is None:
+            raise ValueError("a constraint needs the tokenizer to build its token masks: pass tokenizer=")
+        grammar = [GrammarState.start(params.constraint, tokenizer, sorted(eos_ids)) for _ in range(k)]
+    return search_beams(logits, advance, params, eos_ids, max_new, grammar)
 
 
 def search_beams(logits: torch.Tensor, advance, params: SamplingParams, eos_ids: set[int],
-                 max_new: int) -> list[Hypothesis]:
+                 max_new: int, grammar: list[GrammarState] | None = None) -> list[Hypothesis]:
     """The beam loop every model family shares: from the first step's logits (num_beams, V), keep the
     best beams; `advance(parents, tokens)` reorders the caller's cache to the surviving beams' parents,
-    feeds their new tokens and returns the next logits (num_beams, V)."""
+    feeds their new tokens and returns the next logits (num_beams, V). `grammar`: one matcher per beam
+    (constrained decoding), forked to follow the surviving beams; refused tokens score NEG."""
     k, lp = params.num_beams, params.length_penalty
     running_scores = torch.full((k,), NEG, device=logits.device)
     running_scores[0] = 0.0  # all beams start identical: only one may expand at first
@@ -74,13 +82,16 @@ def search_beams(logits: torch.Tensor, advance, params: SamplingParams, eos_ids:
     keep = max(2, 1 + len(eos_ids)) * k  # enough candidates that k survive even if many hit EOS
     improvable = True
     for step in range(max_new):
+        if grammar is not None:
+            allowed = torch.stack([g.allowed_mask(logits.shape[-1]) for g in grammar])
+            logits = apply_mask(logits.float(), allowed, NEG)
         scores = (logits.float().log_softmax(-1) + running_scores[:, None]).reshape(-1)  # (k * V,)
         top_scores, top_index = torch.topk(scores, keep)
         beam_of, token_of = top_index // logits.shape[-1], top_index % logits.shape[-1]
         ends = torch.isin(token_of, eos) | (step + 1 == max_new)
         full = len(finished) == k and params.early_stopping is True
         for rank in range(k):  # only the top k candidates may finish (Hugging Face's rule)
-            if ends[rank] and improvable and not full:
+            if ends[rank] and improvable and not full and float(top_scores[rank]) > NEG / 2:  # not refused
                 tokens = running[beam_of[rank]] + [int(token_of[rank])]
                 hyp = Hypothesis(tokens, float(top_scores[rank]) / (step + 1) ** lp)
                 finished = _finished_better(finished, hyp, k)
@@ -88,6 +99,10 @@ def search_beams(logits: torch.Tensor, advance, params: SamplingParams, eos_ids:
         running_scores = top_scores[alive]
         parents = beam_of[alive]
         running = [running[p] + [int(t)] for p, t in zip(parents.tolist(), token_of[alive].tolist())]
+        if grammar is not None:
+            grammar = [grammar[p].fork() for p in parents.tolist()]
+            for g, t in zip(grammar, token_of[alive].tolist()):
+                g.advance(t)  # a refused token leaves the beam dead: all its next tokens score NEG
         improvable = improvable and _can_improve(finished, float(running_scores[0]), step + 1, max_new, params)
         all_done = len(finished) == k and params.early_stopping is True
         if not improvable or all_done or bool(ends.all()):
@@ -106,7 +121,8 @@ def _can_improve(finished: list[Hypothesis], best_running: float, length: int, m
     return best_running / best_length ** lp > min(h.score for h in finished)
 
 
-def beam_generate(model, prompt: list[int], params: SamplingParams, eos_ids: set[int] = frozenset()) -> list[int]:
-    """Token ids of the best beam (EOS stripped)."""
-    best = beam_search(model, prompt, params, set(eos_ids))[0].tokens
+def beam_generate(model, prompt: list[int], params: SamplingParams, eos_ids: set[int] = frozenset(),
+                  tokenizer=None) -> list[int]:
+    """Token ids of the best beam (EOS stripped; the tokenizer is needed only by a constraint)."""
+    best = beam_search(model, prompt, params, set(eos_ids), tokenizer)[0].tokens
     return best[:-1] if best and best[-1] in eos_ids else best

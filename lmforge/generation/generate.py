@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from lmforge.generation.constrained import ConstrainedBatch
 from lmforge.generation.drafts import Draft
 from lmforge.generation.kv_cache import prefix_length
 from lmforge.generation.sampling import SamplingParams, sample
@@ -35,7 +36,7 @@ class TokenStream:
 
     @torch.inference_mode()  # the fused decode step (and no autograd graph) whoever iterates the stream
     def __init__(self, model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_ids: set[int],
-                 pad_id: int = 0) -> None:
+                 pad_id: int = 0, tokenizer=None) -> None:
         config = model.config
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token; got an empty prompt")
@@ -59,6 +60,10 @@ class TokenStream:
         self.history = ids.masked_fill(~valid, -1).to(device) if params.repetition_penalty != 1.0 else None
         self.logits, self.pos = prefill(model, ids.to(device), valid.to(device), self.cache)
         self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+        # constrained decoding: one grammar matcher per row masks the logits (the tokenizer maps ids to text)
+        self.grammar = ConstrainedBatch.start(params.constraint, tokenizer, len(prompts), config.vocab_size)
+        if self.grammar is not None:
+            self.stop_ids |= tokenizer.stop_ids  # the grammar's end is a stop even with ignore_eos
         self.done = [False] * len(prompts)
         self.reasons = ["length"] * len(prompts)
         self.steps = 0
@@ -70,7 +75,8 @@ class TokenStream:
     def __iter__(self) -> Iterator[list[int | None]]:
         """Yield one token per row per step (None for rows already finished)."""
         while self.steps < self.max_new and not all(self.done):
-            tokens = sample(self.logits, self.params, self.history, self.generator)
+            logits = self.grammar.apply(self.logits) if self.grammar is not None else self.logits
+            tokens = sample(logits, self.params, self.history, self.generator)
             out: list[int | None] = []
             for row, token in enumerate(tokens.tolist()):
                 if self.done[row]:
@@ -81,20 +87,24 @@ class TokenStream:
                 else:
                     out.append(token)
             self.steps += 1
+            if self.grammar is not None:
+                self.grammar.advance(out)
             yield out
             if all(self.done) or self.steps >= self.max_new:
                 return
             if self.history is not None:
                 self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+            if self.grammar is not None:
+                self.grammar.prefetch()  # the next masks are filled on a worker thread during the forward
             self.logits = decode_one_token(self.model, tokens, self.pos, self.cache, self.aligned)
             self.pos = self.pos + 1
 
 
 @torch.inference_mode()
-def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_ids: set[int] = frozenset()
-                 ) -> list[list[int]]:
-    """Token ids generated for each prompt (no tokenizer needed; EOS not included)."""
-    stream = TokenStream(model, prompts, params, set(eos_ids))
+def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_ids: set[int] = frozenset(),
+                 tokenizer=None) -> list[list[int]]:
+    """Token ids generated for each prompt (EOS not included; the tokenizer is needed only by a constraint)."""
+    stream = TokenStream(model, prompts, params, set(eos_ids), tokenizer=tokenizer)
     outputs: list[list[int]] = [[] for _ in prompts]
     for tokens in stream:
         for row, token in enumerate(tokens):
@@ -156,7 +166,7 @@ def stream_batch(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[in
     ids = encode_prompts(tokenizer, prompts)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     if draft is None:
-        stream = TokenStream(model, ids, params, tokenizer.stop_ids, pad_id=pad)
+        stream = TokenStream(model, ids, params, tokenizer.stop_ids, pad_id=pad, tokenizer=tokenizer)
     else:
         from lmforge.generation.speculative import SpeculativeStream  # it builds on TokenStream's steps
 

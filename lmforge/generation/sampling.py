@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from lmforge.generation.constrained import Constraint
+
 
 @dataclass
 class SamplingParams:
@@ -31,6 +33,7 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    constraint: Constraint | None = None  # a grammar the output must match (generation/constrained.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -47,6 +50,9 @@ class SamplingParams:
         for ok, rule in checks:
             if not ok:
                 raise ValueError(f"invalid SamplingParams: {rule}; got {self!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError("constraint must be a Constraint, e.g. Constraint('json_schema', schema); "
+                             f"got {type(self.constraint).__name__}")
         if self.num_beams > 1 and not self.greedy:
             raise ValueError("beam search here is deterministic: set temperature=0 with num_beams > 1")
 

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from lmforge.generation.constrained import GrammarState, apply_mask
 from lmforge.generation.drafts import (ADAPTIVE_START, MAX_DRAFT_TOKENS, Draft, check_compatible,
                                        check_draft_tokens)
 from lmforge.generation.fused_decode import chunk_step
@@ -110,6 +111,21 @@ def verify_sampled(p: torch.Tensor, drafts: list[int], q: torch.Tensor | None,
     return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))
 
 
+def draft_masks(state: GrammarState, drafts: list[int], vocab_size: int) -> tuple[torch.Tensor, list[int]]:
+    """Constrained speculation: the allowed tokens (n+1, V) at each verified position and the drafts cut at the
+    first one the grammar refuses (or a stop token), n = len(kept drafts). The matcher ends where it started."""
+    masks, kept = [], []
+    for token in drafts:
+        masks.append(state.allowed_mask(vocab_size))
+        if not masks[-1][token] or token in state.stop_ids or not state.advance(token):
+            break
+        kept.append(token)
+    else:
+        masks.append(state.allowed_mask(vocab_size))
+    state.rollback(len(kept))
+    return torch.stack(masks), kept
+
+
 def _check_prompts(config, prompts: Sequence[Sequence[int]]) -> None:
     """The same boundary checks as TokenStream, with the same fixes named."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -137,9 +153,13 @@ class SpeculativeStream:
         _check_prompts(model.config, prompts)
         check_compatible(draft, model, tokenizer)
         self.fixed_k = check_draft_tokens(getattr(draft, "k", None))
-        self.model, self.params, self.draft = model, params, draft
+        self.model, self.params, self.draft, self.tokenizer = model, params, draft, tokenizer
+        if params.constraint is not None and tokenizer is None:
+            raise ValueError("a constraint needs the tokenizer to build its token masks: pass tokenizer=")
         self.prompts = [list(p) for p in prompts]
         self.stop_ids = (set() if params.ignore_eos else set(eos_ids)) | set(params.stop_token_ids)
+        if params.constraint is not None and tokenizer is not None:
+            self.stop_ids |= tokenizer.stop_ids  # the grammar's end is a stop even with ignore_eos
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         self.done = [False] * len(prompts)
@@ -177,8 +197,10 @@ class SpeculativeStream:
             prefill(self.model, ids, torch.ones_like(ids, dtype=torch.bool), cache)
             stats.target_forwards += 1
         context, length = list(prompt), DraftLength(self.fixed_k)
+        grammar = None if self.params.constraint is None else GrammarState.start(
+            self.params.constraint, self.tokenizer, sorted(self.stop_ids))
         while True:
-            run = self._step(context, cache, min(length.k, max_new - stats.tokens - 1), length, stats)
+            run = self._step(context, cache, min(length.k, max_new - stats.tokens - 1), length, stats, grammar)
             for token in run:
                 if token in self.stop_ids:
                     self.finish(row, "stop")
@@ -189,17 +211,23 @@ class SpeculativeStream:
                 if self.done[row] or stats.tokens >= max_new:  # finish() by the caller, or the length limit
                     return
 
-    def _step(self, context: list[int], cache: KVCache, k: int, length: DraftLength, stats: SpecStats
-              ) -> list[int]:
-        """Draft up to k tokens, verify them with one target forward, roll back the rest; the run to emit."""
+    def _step(self, context: list[int], cache: KVCache, k: int, length: DraftLength, stats: SpecStats,
+              grammar: GrammarState | None = None) -> list[int]:
+        """Draft up to k tokens, verify them with one target forward, roll back the rest; the run to emit.
+        A `grammar` masks the target at every position (drafts it refuses are cut before the forward) and
+        advances by the emitted run only."""
         proposal = self.draft.propose(context, k, self.params, self.generator) if k > 0 else None
         drafts = proposal.tokens[:k] if proposal else []
+        if grammar is not None:
+            allowed, drafts = draft_masks(grammar, drafts, self.model.config.vocab_size)
         start = cache.length  # the cache holds context[:-1]; feed the last token and the drafts
         fed = torch.tensor([[context[-1], *drafts]], device=cache.positions.device)
         logits = chunk_step(self.model, fed[0], cache)  # the fused C++ step when it qualifies
         if logits is None:
             logits = self.model(fed, cache=cache)[0]
         logits = target_logits(logits, context, drafts, self.params)
+        if grammar is not None:
+            logits = apply_mask(logits, allowed)
         if self.params.greedy:
             accepted, token = verify_greedy(logits, drafts)
         else:
@@ -210,6 +238,9 @@ class SpeculativeStream:
         length.update(len(drafts), accepted)
         stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + accepted
         stats.target_forwards += 1
+        if grammar is not None:
+            for emitted in [*drafts[:accepted], token]:
+                grammar.advance(emitted)
         return [*drafts[:accepted], token]
 
 
