@@ -4,7 +4,7 @@ After a block's attention and/or MLP sublayer, before its residual add, h <- h +
 + s * b_up: a down-projection to `size` dimensions, a nonlinearity, an up-projection and a skip connection
 (the paper's figure 2). W_up and b_up start at zero, so training starts from the base model exactly (the
 paper's near-identity initialisation, made exact); W_down ~ N(0, 1e-2) truncated at two standard
-deviations, the paper's initialisation (section 3.6).
+deviations, the paper's initialisation.
 
 The sublayer's output is its last linear's output (o_proj, down_proj), so the adapter rides on that
 linear: BottleneckLinear keeps its `weight`/`bias` keys (as LoRALinear does) and adds `adapter_down` and
@@ -28,7 +28,7 @@ from lmforge.model.surgery import replace_linear
 PEFT_TYPE = "BOTTLENECK"
 SUBLAYER_OUTPUTS = {"attention": "o_proj", "mlp": "down_proj"}  # the linear that ends each sublayer
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-INIT_STD = 1e-2  # Houlsby et al. section 3.6: weights ~ N(0, 1e-2), truncated at 2 std
+INIT_STD = 1e-2  # Houlsby et al.'s initialisation: weights ~ N(0, 1e-2), truncated at 2 std
 
 
 @dataclass

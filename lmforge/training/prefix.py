@@ -36,7 +36,7 @@ class PrefixConfig:
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None  # the projection MLP's width; None = n_kv_head * head_dim (PEFT's default)
-    init: Literal["vocab", "random", "zero"] = "vocab"  # vocab: activations of real tokens (Li & Liang section 7.2)
+    init: Literal["vocab", "random", "zero"] = "vocab"  # vocab: real tokens' activations (Li & Liang's init study)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -143,7 +143,7 @@ def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
 @torch.no_grad()
 def _init_prefix(model: nn.Module, encoder: PrefixEncoder, config: PrefixConfig) -> None:
     """random: N(0, 1) (PEFT's nn.Embedding); zero; vocab: the keys/values the model itself computes for P
-    random vocabulary tokens, so the prefix starts on the scale of real activations (Li & Liang section 7.2)."""
+    random vocabulary tokens, so the prefix starts on the scale of real activations (Li & Liang's init study)."""
     generator = torch.Generator().manual_seed(config.seed)
     if config.init == "zero":
         target = encoder.transform[-1] if encoder.transform is not None else encoder.embedding
