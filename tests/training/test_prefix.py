@@ -89,6 +89,14 @@ def test_generation_with_prefix_equals_peft_generate(hf_dir, tmp_path):
     assert mine[0] == theirs[0, 7:].tolist()
 
 
+def test_left_padded_batch_generates_as_each_prompt_alone(hf_dir):
+    model = apply_prefix(load_model(hf_dir), PrefixConfig(num_virtual_tokens=4, init="random")).eval()
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 8)]
+    params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    together = generate_ids(model, prompts, params)
+    assert together == [generate_ids(model, [p], params)[0] for p in prompts]
+
+
 def test_vocab_init_starts_on_real_activations_and_only_the_prefix_trains(hf_dir):
     model = apply_prefix(load_model(hf_dir), PrefixConfig(num_virtual_tokens=3))  # init="vocab"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
