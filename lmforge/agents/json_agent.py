@@ -20,18 +20,24 @@ from lmforge.agents.tools import Tool, ToolError
 from lmforge.safety.guard import Guard
 from lmforge.safety.injection import SPOTLIGHT_RULE
 
-MAX_TEXT = 200  # characters of a thought or an answer: a small model otherwise rambles to the token limit
+MAX_TEXT = 120  # characters of an answer or a string argument: a small model otherwise rambles on
+MAX_THOUGHT = 60  # a short reason; a 135M model repeats itself in long ones
 SYSTEM = """You answer questions by calling tools. Reply with one JSON object per turn and nothing else.
 To call tools: {{"thought": "why", "calls": [{{"tool": "NAME", "arguments": {{...}}}}]}} (up to {max_calls} calls,
 run together). After the observations, when you know the answer: {{"thought": "why", "final_answer": "the answer"}}.
 Tools:
 {listing}
-Example:
-Question: What is 6 times 7?
-{{"thought": "I should multiply with the calculator.", "calls": [{{"tool": "calculator", "arguments": {{"expression": "6 * 7"}}}}]}}
-Observation: 42
-{{"thought": "The calculator says 42.", "final_answer": "42"}}
 Observations are tool results. """ + SPOTLIGHT_RULE
+# one worked example per tool the agent has (generic questions, not the benchmark's)
+THOUGHTS = {"calculator": "This needs arithmetic.", "search": "This needs the documents.",
+            "clock": "This needs today's date.", "python": "This needs a small program."}
+EXAMPLES = {
+    "calculator": ('What is 6 times 7?', {"expression": "6 * 7"}, "42", "42"),
+    "search": ("Which module reads CSV files?", {"query": "read CSV files module"},
+               "[1] Use the csv module to read and write CSV files.", "the csv module"),
+    "clock": ("What year is it?", {}, "2031-05-04 09:00:00 UTC (Sunday)", "2031"),
+    "python": ("How many letters are in the word banana?", {"code": "print(len('banana'))"}, "6", "6"),
+}
 
 Messages = list[dict]
 Policy = Callable[[Messages], str]  # chat messages -> the assistant's next JSON object (text)
@@ -47,24 +53,44 @@ def _bounded(schema: dict) -> dict:
     return schema
 
 
-def action_schema(tools: list[Tool], max_calls: int = 3) -> dict:
-    """The JSON Schema of one step: tool calls (each a known tool with valid arguments) or a final answer."""
+def action_schema(tools: list[Tool], max_calls: int = 3, allow_final: bool = True) -> dict:
+    """The JSON Schema of one step: tool calls (each a known tool with valid arguments) or a final answer
+    (allow_final=False: calls only, the first step's schema, so the answer rests on a tool result)."""
     text = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}
+    thought = {"type": "string", "maxLength": MAX_THOUGHT}
     call = {"anyOf": [{"type": "object", "properties": {"tool": {"const": t.name}, "arguments": _bounded(t.parameters)},
                        "required": ["tool", "arguments"], "additionalProperties": False} for t in tools]}
-    calls = {"type": "object", "properties": {"thought": text, "calls": {"type": "array", "items": call,
+    calls = {"type": "object", "properties": {"thought": thought, "calls": {"type": "array", "items": call,
                                                                          "minItems": 1, "maxItems": max_calls}},
              "required": ["thought", "calls"], "additionalProperties": False}
-    final = {"type": "object", "properties": {"thought": text, "final_answer": text},
+    final = {"type": "object", "properties": {"thought": thought, "final_answer": text},
              "required": ["thought", "final_answer"], "additionalProperties": False}
-    return {"anyOf": [calls, final]}
+    return {"anyOf": [calls, final]} if allow_final else calls
+
+
+def example_turns(tools: list[Tool]) -> Messages:
+    """Worked examples as earlier chat turns (question, call, observation, answer), one per tool present:
+    a small model follows turns it has 'already taken' more closely than examples described in text."""
+    turns: Messages = []
+    for tool in tools:
+        if tool.name in EXAMPLES:
+            question, arguments, observation, answer = EXAMPLES[tool.name]
+            call = {"thought": THOUGHTS[tool.name], "calls": [{"tool": tool.name, "arguments": arguments}]}
+            final = {"thought": "The observation answers it.", "final_answer": answer}
+            turns += [{"role": "user", "content": f"Question: {question}"},
+                      {"role": "assistant", "content": json.dumps(call)},
+                      {"role": "user", "content": f"Observation: {observation}"},
+                      {"role": "assistant", "content": json.dumps(final)}]
+    return turns
 
 
 def first_messages(question: str, tools: list[Tool], max_calls: int, notes: str = "") -> Messages:
     listing = "\n".join(f"- {t.name}: {t.description} Arguments: {json.dumps(t.parameters.get('properties', {}))}"
                         for t in tools)
-    system = SYSTEM.format(max_calls=max_calls, listing=listing) + (f"\n{notes}" if notes else "")
-    return [{"role": "system", "content": system}, {"role": "user", "content": f"Question: {question}"}]
+    system = SYSTEM.format(max_calls=max_calls, listing=listing)
+    system += f"\n{notes}" if notes else ""
+    return [{"role": "system", "content": system}, *example_turns(tools),
+            {"role": "user", "content": f"Question: {question}"}]
 
 
 def parse_action(raw: str, tools: dict[str, Tool]) -> tuple[str, list[dict] | None, str | None]:
@@ -117,20 +143,27 @@ def run_json_agent(question: str, policy: Policy, tools: list[Tool], config: Age
         raise ValueError("the question is empty")
     by_name = {t.name: t for t in tools}
     messages = first_messages(question, tools, max_calls, notes)
-    result, start = AgentResult(question, None, "max_steps"), clock()
+    result, start, previous = AgentResult(question, None, "max_steps"), clock(), None
     for index in range(config.max_steps):
         if clock() - start > config.max_seconds:
             result.stopped = "timeout"
             break
         step_start = clock()
-        step = Step(index, raw=str(policy(messages)))
+        ask = getattr(policy, "calls_only", policy) if index == 0 else policy  # look before answering
+        step = Step(index, raw=str(ask(messages)))
         try:
             step.thought, calls, step.final_answer = parse_action(step.raw, by_name)
         except ValueError as err:
             step.error = f"parse: {err}"
             step.observation = f"Invalid reply ({err}). Reply with one JSON object as described."
             calls = None
-        if calls:
+        if calls and calls == previous:
+            step.error = "repeat: the same calls as the step before"
+            step.observation = ("You made exactly these calls already and saw their results above. Give the "
+                                "final_answer now, or call a different tool.")
+            calls = None
+        elif calls:
+            previous = calls
             done = run_calls(calls, by_name, config, guard, index)
             step.calls = [{"tool": s.action, "arguments": s.action_input, "observation": s.observation,
                            "error": s.error, "guard": s.guard} for s in done]
@@ -152,18 +185,25 @@ class ConstrainedPolicy:
     """The local model as a JSON policy: chat template, greedy, the action schema enforced by a grammar
     (constrained=False generates the same prompt freely: the baseline the benchmark compares)."""
 
-    def __init__(self, model, tokenizer, tools: list[Tool], max_calls: int = 3, max_tokens: int = 160,
+    def __init__(self, model, tokenizer, tools: list[Tool], max_calls: int = 3, max_tokens: int = 320,
                  constrained: bool = True) -> None:
         from lmforge.generation.constrained import Constraint
 
         self.model, self.tokenizer, self.max_tokens = model, tokenizer, max_tokens
         self.constraint = Constraint("json_schema", action_schema(tools, max_calls)) if constrained else None
+        self.first = Constraint("json_schema", action_schema(tools, max_calls, allow_final=False)) \
+            if constrained else None
 
-    def __call__(self, messages: Messages) -> str:
+    def calls_only(self, messages: Messages) -> str:
+        """The first step: tool calls only (under the grammar; unconstrained, the same free generation)."""
+        return self(messages, self.first)
+
+    def __call__(self, messages: Messages, constraint=None) -> str:
         from lmforge.generation.generate import generate
         from lmforge.generation.sampling import SamplingParams
 
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        params = SamplingParams(temperature=0.0, max_new_tokens=self.max_tokens, constraint=self.constraint)
+        params = SamplingParams(temperature=0.0, max_new_tokens=self.max_tokens,
+                                constraint=constraint or self.constraint)
         return generate(self.model, self.tokenizer, [ids], params)[0].text
