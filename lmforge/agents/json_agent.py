@@ -199,11 +199,15 @@ class ConstrainedPolicy:
         return self(messages, self.first)
 
     def __call__(self, messages: Messages, constraint=None) -> str:
-        from lmforge.generation.generate import generate
-        from lmforge.generation.sampling import SamplingParams
+        return ask(self.model, self.tokenizer, messages, constraint or self.constraint, self.max_tokens)
 
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        params = SamplingParams(temperature=0.0, max_new_tokens=self.max_tokens,
-                                constraint=constraint or self.constraint)
-        return generate(self.model, self.tokenizer, [ids], params)[0].text
+
+def ask(model, tokenizer, messages: Messages, constraint=None, max_tokens: int = 320) -> str:
+    """The model's greedy reply to chat `messages`, under `constraint` (a generation Constraint) if given."""
+    from lmforge.generation.generate import generate
+    from lmforge.generation.sampling import SamplingParams
+
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_tokens, constraint=constraint)
+    return generate(model, tokenizer, [ids], params)[0].text
