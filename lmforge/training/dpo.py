@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from lmforge import hub
-from lmforge.training.adapters import save_adapter
-from lmforge.training.lora import apply_lora, merge_and_unload
+from lmforge.training.lora import merge_and_unload
 from lmforge.training.objectives.dpo import PreferenceObjective
 from lmforge.training.preferences import PreferenceBatches, build_pairs, precompute_reference
 from lmforge.training.recipe import Recipe, to_dict
@@ -25,7 +24,7 @@ from lmforge.training.trainer import autocast_dtype, train
 def setup(recipe: Recipe):
     """(model, tokenizer, frozen reference copy or None) for a recipe's model and adapter."""
     from lmforge.checkpoint.load import load
-    from lmforge.training.finetune import _device
+    from lmforge.training.finetune import _device, apply_adapter
 
     if recipe.adapter not in ("lora", "full"):
         raise ValueError(f"adapter={recipe.adapter!r}: preference tuning supports adapter lora (the reference is "
@@ -33,10 +32,9 @@ def setup(recipe: Recipe):
     model, tokenizer = load(hub.resolve(recipe.model, pull_missing=recipe.model in hub.REGISTRY),
                             device=_device(recipe.device), dtype=torch.float32)
     reference = None
-    if recipe.adapter == "lora":
-        apply_lora(model, recipe.lora)
-    elif recipe.dpo.uses_reference:
+    if recipe.adapter == "full" and recipe.dpo.uses_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
+    apply_adapter(model, recipe)
     return model, tokenizer, reference
 
 
@@ -68,6 +66,8 @@ def batches(recipe: Recipe, model, tokenizer, reference, path: str, shuffle: boo
 
 def run(recipe: Recipe, merge: bool = False) -> dict:
     """Train (resuming when out_dir has checkpoints), then write the adapter (or the full model)."""
+    if merge and recipe.adapter != "lora":
+        raise ValueError("--merge folds a LoRA adapter into the base; adapter=full writes out_dir/model; drop --merge")
     out = Path(recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
@@ -78,18 +78,13 @@ def run(recipe: Recipe, merge: bool = False) -> dict:
     objective = PreferenceObjective(recipe.dpo, reference)
     summary = train(model, objective, data, recipe.train, out, eval_batches=evals)
     summary.pop("averaged", None)
-    if recipe.adapter == "full":
-        from lmforge.checkpoint.hf import save_hf
+    from lmforge.training.finetune import _write_variant, save_trained
 
-        summary["model"] = str(save_hf(model, out / "model"))
-        tokenizer.save_hf(out / "model", model_max_length=model.config.block_size)
-        return summary
-    summary["adapter"] = str(save_adapter(model, out / "adapter", base_model=recipe.model))
+    kind = "model" if recipe.adapter == "full" else "adapter"
+    summary[kind] = str(save_trained(model, tokenizer, out / kind, recipe))
     if summary.get("best"):
-        from lmforge.training.finetune import _write_variant
-
-        _write_variant(model, summary["best"], out / "best", recipe.model)
-        summary["best_adapter"] = str(out / "best")
+        _write_variant(model, summary["best"], lambda: save_trained(model, tokenizer, out / "best", recipe))
+        summary[f"best_{kind}"] = str(out / "best")
     if merge:
         from lmforge.checkpoint.hf import save_hf
 

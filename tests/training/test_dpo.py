@@ -176,6 +176,19 @@ def test_reference_with_adapters_disabled_equals_base_model() -> None:
             pass
 
 
+def test_policy_and_reference_agree_under_bf16_autocast() -> None:
+    """At LoRA init (B = 0) policy and reference are one function; under bf16 autocast the training path
+    (fused, with grad) and the no-grad reference path both take an fp32 lm_head, so the margin starts at 0."""
+    torch.manual_seed(0)
+    model = build_model(Config.from_name("tiny-llama", vocab_size=VOCAB, block_size=128))
+    apply_lora(model, LoRAConfig(rank=4))
+    batch = _batch(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        policy, reference = sequence_logps(model, batch), reference_logps(model, batch)
+    assert policy.requires_grad and policy.dtype == torch.float32
+    torch.testing.assert_close(policy.detach(), reference, rtol=0, atol=1e-4)
+
+
 def test_full_finetune_reference_is_a_frozen_copy() -> None:
     model, base = _tiny(lora=False)
     reference = copy.deepcopy(base).requires_grad_(False)

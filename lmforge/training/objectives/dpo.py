@@ -97,17 +97,17 @@ class _FusedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        w = weight.to(hidden.dtype)
+        w = weight.float()
         grad = torch.empty_like(hidden)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], LOGIT_CHUNK):
-            h, t = hidden[start:start + LOGIT_CHUNK], targets[start:start + LOGIT_CHUNK]
-            logits = (h @ w.t()).float()  # (chunk, vocab)
+            h, t = hidden[start:start + LOGIT_CHUNK].float(), targets[start:start + LOGIT_CHUNK]
+            logits = h @ w.t()  # (chunk, vocab), fp32 even under autocast (token_logps)
             lse = logits.logsumexp(dim=-1)
             out[start:start + LOGIT_CHUNK] = logits.gather(1, t[:, None]).squeeze(1) - lse
             probs = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place
             probs[torch.arange(t.shape[0], device=t.device), t] += 1.0
-            grad[start:start + LOGIT_CHUNK] = (probs.to(w.dtype) @ w).to(grad.dtype)
+            grad[start:start + LOGIT_CHUNK] = (probs @ w).to(grad.dtype)
         ctx.save_for_backward(grad)
         return out
 
@@ -118,10 +118,17 @@ class _FusedTokenLogps(torch.autograd.Function):
 
 
 def token_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets) (N,) from hidden rows (N, n_embd), the lm_head applied in chunks."""
+    """log p(targets) (N,) from hidden rows (N, n_embd), the lm_head applied in chunks and in fp32 even under
+    bf16 autocast: log-ratios of policy and reference are small differences of large sums, and a bf16 head in
+    one and an fp32 one in the other (the no-grad fast path) would differ by more than the margin itself."""
     weight = model.lm_head.weight
-    if model.config.final_logit_softcap is None and not weight.requires_grad and torch.is_grad_enabled():
-        return _FusedTokenLogps.apply(hidden, weight, targets)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if model.config.final_logit_softcap is None and not weight.requires_grad and torch.is_grad_enabled():
+            return _FusedTokenLogps.apply(hidden, weight, targets)
+        return _chunked_logps(model, hidden.float(), targets)
+
+
+def _chunked_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     parts = []
     for start in range(0, hidden.shape[0], LOGIT_CHUNK):
         logits = model.logits(hidden[start:start + LOGIT_CHUNK]).float()  # (chunk, vocab)
