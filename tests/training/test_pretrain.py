@@ -127,3 +127,27 @@ def test_continued_pretraining_from_smollm2(tmp_path) -> None:
     rows = _metrics(tmp_path / "cont")
     assert rows[0]["loss"] < 5.0  # a trained model: far below ln(49152) = 10.8 of a random one
     assert summary["parameters"] > 100e6 and (Path(summary["model"]) / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_cross_entropy_with_a_trained_head_equals_torch(tied) -> None:
+    """Pretraining trains the lm_head: the fused loss gives the loss and the gradients of plain cross-entropy."""
+    import torch.nn.functional as F
+
+    from lmforge.config import Config
+    from lmforge.model.transformer import build_model
+    from lmforge.training.objectives import cross_entropy
+
+    torch.manual_seed(0)
+    model = build_model(Config.from_name("tiny-llama", tie_embeddings=tied, vocab_size=300)).double()
+    hidden = torch.randn(cross_entropy.LOGIT_CHUNK + 37, 64, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 300, (hidden.shape[0],))
+    fused = cross_entropy.token_losses(model, hidden, targets) / 7
+    fused.backward()
+    grads = (hidden.grad.clone(), model.lm_head.weight.grad.clone())
+    hidden.grad, model.lm_head.weight.grad = None, None
+    plain = F.cross_entropy(model.lm_head(hidden), targets, reduction="sum") / 7
+    plain.backward()
+    torch.testing.assert_close(fused.detach(), plain.detach().float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], model.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
