@@ -14,6 +14,7 @@ from typing import Sequence as Seq
 
 import torch
 
+from lmforge.generation.constrained import GrammarState, apply_mask
 from lmforge.generation.generate import Completion, TextAssembler
 from lmforge.generation.sampling import SamplingParams, apply_repetition_penalty, sample
 from lmforge.serving.block_manager import BlockManager
@@ -104,10 +105,12 @@ class Engine:
         return seqs
 
     def _sequence(self, ids: list[int], params: SamplingParams, logprobs: int) -> Sequence:
-        stop = set() if params.ignore_eos else set(self.tokenizer.stop_ids)
+        stop = set() if params.ignore_eos and params.constraint is None else set(self.tokenizer.stop_ids)
         max_new = min(params.max_new_tokens, self.model.config.block_size - len(ids))
         seq = Sequence(list(ids), params, eos_ids=frozenset(stop | set(params.stop_token_ids)), max_new=max_new)
-        if self.speculation is not None:
+        if params.constraint is not None:  # compiled here, so a grammar the engine rejects fails the request
+            seq.grammar = GrammarState.start(params.constraint, self.tokenizer, sorted(seq.eos_ids))
+        if self.speculation is not None and seq.grammar is None:  # constrained sequences decode without drafts
             self.speculation.attach(seq)
         self.texts[seq.seq_id] = TextAssembler(self.tokenizer, params.stop)
         self.logprobs_wanted[seq.seq_id] = logprobs
@@ -174,7 +177,7 @@ class Engine:
         The others are sampled in row order, so each seed (or the global generator) draws as
         it would alone.
         """
-        plain = [_plain_greedy(seq.params) for seq, _ in rows]
+        plain = [_plain_greedy(seq.params) and seq.grammar is None for seq, _ in rows]
         tokens: list[int] = [0] * len(rows)
         if any(plain):
             picked = [j for j, p in enumerate(plain) if p]
@@ -185,7 +188,10 @@ class Engine:
                 tokens[j] = token
         for j, (seq, i) in enumerate(rows):
             if not plain[j]:
-                tokens[j] = int(sample(logits[i:i + 1], seq.params, _history(seq), seq.generator)[0])
+                row = logits[i:i + 1]
+                if seq.grammar is not None:  # constrained decoding: tokens the grammar refuses get -inf
+                    row = apply_mask(row, seq.grammar.allowed_mask(row.shape[-1]))
+                tokens[j] = int(sample(row, seq.params, _history(seq), seq.generator)[0])
         return tokens
 
     def _fork_children(self, seq: Sequence) -> list[Sequence]:
@@ -210,6 +216,8 @@ class Engine:
             out.token, reason = None, "stop"
         else:
             seq.output_ids.append(token)
+            if seq.grammar is not None:
+                seq.grammar.advance(token)
             out.text = text.add(token)
             reason = "stop" if text.stopped else "length" if len(seq.output_ids) >= seq.max_new else None
         if reason:
