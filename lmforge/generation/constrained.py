@@ -211,13 +211,20 @@ def apply_mask(logits: torch.Tensor, allowed: torch.Tensor, fill: float = float(
     return logits.masked_fill(~allowed.to(logits.device), fill)
 
 
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")  # llguidance drops the GIL
+
+
+def masks_in_background(states: dict[int, GrammarState], vocab_size: int) -> Future:
+    """Start filling {key: (V,) allowed mask} on the worker thread; the caller runs the model meanwhile and
+    must not touch these states until the future is done (the serving engine keys them by sequence id)."""
+    return _POOL.submit(lambda: {key: state.allowed_mask(vocab_size) for key, state in states.items()})
+
+
 class ConstrainedBatch:
     """The grammar states of a batch's rows (None = unconstrained) and their next-step masks.
 
     `prefetch()` starts filling the masks on a worker thread (llguidance releases the GIL), so the caller
     can run the model's forward meanwhile; `masks()` waits for them (or fills them now)."""
-
-    _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
 
     def __init__(self, states: list[GrammarState | None], vocab_size: int) -> None:
         self.states, self.vocab_size = states, vocab_size
@@ -241,7 +248,7 @@ class ConstrainedBatch:
 
     def prefetch(self) -> None:
         """Start computing the next masks in the background (call right before the model's forward)."""
-        self.pending = self._pool.submit(self._fill)
+        self.pending = _POOL.submit(self._fill)
 
     def masks(self) -> torch.Tensor:
         """(B, V) bool allowed tokens for the next step."""

@@ -14,7 +14,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from lmforge.generation.constrained import GrammarState, apply_mask
+from lmforge.generation.constrained import GrammarState, apply_mask, masks_in_background
 from lmforge.generation.generate import Completion, TextAssembler
 from lmforge.generation.sampling import SamplingParams, apply_repetition_penalty, sample
 from lmforge.serving.block_manager import BlockManager
@@ -136,7 +136,10 @@ class Engine:
         if not batch:
             return []
         self.cache.copy_blocks(batch.copies)
-        logits, sampling = self.runner.run(batch)
+        grammars = {s.seq_id: s.grammar for s in batch.seqs if s.grammar is not None}
+        pending = masks_in_background(grammars, self.model.config.vocab_size) if grammars else None
+        logits, sampling = self.runner.run(batch)  # the grammar masks fill on a worker thread meanwhile
+        masks = pending.result() if pending is not None else {}
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n - len(seq.draft_ids)  # drafts count once accepted
             self.blocks.register_full_blocks(seq)
@@ -150,7 +153,7 @@ class Engine:
                 rows.extend((child, row) for child in self._fork_children(seq))
                 rows.append((seq, row))
             row += 1 + len(seq.draft_ids)
-        tokens = self._sample(logits, rows)
+        tokens = self._sample(logits, rows, masks)
         now = time.perf_counter()
         outputs = [self._postprocess(seq, logits[i:i + 1], token, now) for (seq, i), token in zip(rows, tokens)]
         for seq, first in verifying:
@@ -171,7 +174,8 @@ class Engine:
         self.blocks.trim(seq, seq.num_tokens)  # blocks that held only rejected drafts
         return outputs
 
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]],
+                masks: dict[int, torch.Tensor] | None = None) -> list[int]:
         """Next token of each (seq, logits row): plain greedy rows in one argmax, the rest one by one.
 
         The others are sampled in row order, so each seed (or the global generator) draws as
@@ -190,7 +194,8 @@ class Engine:
             if not plain[j]:
                 row = logits[i:i + 1]
                 if seq.grammar is not None:  # constrained decoding: tokens the grammar refuses get -inf
-                    row = apply_mask(row, seq.grammar.allowed_mask(row.shape[-1]))
+                    mask = (masks or {}).get(seq.seq_id)  # forked children compute theirs now
+                    row = apply_mask(row, mask if mask is not None else seq.grammar.allowed_mask(row.shape[-1]))
                 tokens[j] = int(sample(row, seq.params, _history(seq), seq.generator)[0])
         return tokens
 

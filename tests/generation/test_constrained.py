@@ -44,6 +44,8 @@ REGEX = r"[a-z]{2,5}-[0-9]{1,3}"
 CHOICES = ["red", "green", "blue", "reddish"]
 GBNF = 'root ::= "(" item ("," item)? ("," item)? ")"\nitem ::= [a-c] | "xy"'
 GBNF_AS_REGEX = r"\((?:[a-c]|xy)(?:,(?:[a-c]|xy)){0,2}\)"
+LARK = 'start: "<" NUM (";" NUM)? ">"\nNUM: /[0-9]{1,2}/'
+LARK_AS_REGEX = r"<\d{1,2}(;\d{1,2})?>"
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -109,8 +111,7 @@ def test_regex_and_choice_always_match(model, tok):
     assert set(picks) <= set(CHOICES) and len(set(picks)) > 1
 
 
-@pytest.mark.parametrize("text,pattern", [(GBNF, GBNF_AS_REGEX),
-                                          ('start: "<" NUM (";" NUM)? ">"\nNUM: /[0-9]{1,2}/', r"<\d{1,2}(;\d{1,2})?>")])
+@pytest.mark.parametrize("text,pattern", [(GBNF, GBNF_AS_REGEX), (LARK, LARK_AS_REGEX)])
 def test_gbnf_and_lark_grammars(model, tok, text, pattern):
     for out in _texts(model, tok, Constraint("grammar", text), range(4)):
         assert re.fullmatch(pattern, out), out
@@ -193,3 +194,17 @@ def test_bad_schemas_and_grammars_are_named(tok):
         Constraint("xml", "<a/>")
     with pytest.raises(ValueError, match="constraint must be a Constraint"):
         SamplingParams(constraint={"type": "object"})
+
+
+def test_cli_flags_build_one_constraint(tmp_path):
+    from lmforge.generation.constrained import constraint_from_flags
+
+    schema_file = tmp_path / "s.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    assert constraint_from_flags(json_schema=str(schema_file)) == Constraint("json_schema", SCHEMA)
+    assert constraint_from_flags(choice="yes,no").value == ("yes", "no")
+    assert constraint_from_flags() is None
+    with pytest.raises(ValueError, match="at most one"):
+        constraint_from_flags(regex="a", choice="a,b")
+    with pytest.raises(ValueError, match="cannot read the --grammar file"):
+        constraint_from_flags(grammar=str(tmp_path / "missing.gbnf"))
