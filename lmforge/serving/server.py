@@ -25,6 +25,7 @@ from lmforge.serving.guarding import ServerGuard, StreamRedactor, check_user_tex
 from lmforge.serving.limits import BodySizeLimit, Limits
 from lmforge.serving.metrics import Metrics
 from lmforge.serving.semantic_cache import CachedCompletion
+from lmforge.serving.tool_calls import ToolRequestError, ToolStream, parse_tool_calls, render_messages, request_constraint
 
 
 @dataclass
@@ -134,7 +135,12 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: Request):
         check_model(body.model)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            constraint = request_constraint(body)
+            messages = render_messages(body.messages, body.tools, body.tool_choice)
+        except ToolRequestError as err:
+            raise APIError(400, str(err), param=err.param) from None
+        tools = body.tools if body.tools and body.tool_choice != "none" else None
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         texts, on = guarded(request, [messages[i]["content"] for i in users])
         for i, text in zip(users, texts):
@@ -145,10 +151,10 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
             raise APIError(400, str(err), param="messages") from None
         k = (body.top_logprobs or 1) if body.logprobs else 0
         return await serve(body, [tok.encode(text, add_special_tokens=False)], body.max_completion_tokens or
-                           body.max_tokens, k, chat=True, guard_on=on)
+                           body.max_tokens, k, chat=True, guard_on=on, constraint=constraint, tools=tools)
 
     async def serve(body, prompts: list[list[int]], requested: int | None, logprobs: int, chat: bool,
-                    guard_on: bool = False):
+                    guard_on: bool = False, constraint=None, tools=None):
         lim = settings.limits
         if body.n > lim.max_n:
             raise APIError(400, f"n={body.n} is above this server's limit {lim.max_n}", param="n")
@@ -156,7 +162,8 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
             raise APIError(429, f"{lim.max_concurrent} requests are already running; retry later",
                            "rate_limit_error")
         plans = [(i, ids, budget(ids, requested)) for i, ids in enumerate(prompts)]
-        cache_key = _semantic_key(body, plans, logprobs) if semantic_cache is not None else None
+        cache_key = _semantic_key(body, plans, logprobs) if semantic_cache is not None and constraint is None \
+            and tools is None else None
         if cache_key is not None:
             hit = await asyncio.to_thread(semantic_cache.lookup, tok.decode(plans[0][1]), cache_key)
             metrics.semantic_lookup(hit is not None)
@@ -165,7 +172,7 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
         try:
             streams = []
             for p, ids, max_new in plans:
-                samples = [body.sampling(max_new, p * body.n + j) for j in range(body.n)]
+                samples = [body.sampling(max_new, p * body.n + j, constraint) for j in range(body.n)]
                 opened = runner.open_parallel(ids, samples, logprobs)
                 streams += [(p * body.n + j, ids, stream) for j, stream in enumerate(opened)]
         except ValueError as err:
@@ -176,7 +183,7 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
         redactor = StreamRedactor(settings.guard.guard, metrics) if guard_on else None
         if body.stream:
             events = _stream_events(streams, tok, chat, logprobs, body, request_id, settings.model_name, kind,
-                                    redactor)
+                                    redactor, ToolStream(tools) if tools else None)
             return StreamingResponse(_sse(_release(events, state)), media_type="text/event-stream")
         try:
             choices, n_prompt, n_out = await _collect(streams, tok, chat, logprobs)
@@ -187,6 +194,11 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
                 field = choice["message"] if chat else choice
                 field["content" if chat else "text"] = redact_output(settings.guard.guard, metrics,
                                                                     field["content" if chat else "text"])
+        for choice in choices if tools else []:
+            calls = parse_tool_calls(choice["message"]["content"], tools)
+            if calls:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                choice["finish_reason"] = "tool_calls"
         if cache_key is not None:
             text = choices[0]["message"]["content"] if chat else choices[0]["text"]
             entry = CachedCompletion(text, choices[0]["finish_reason"], n_out)
@@ -273,7 +285,8 @@ async def _collect(streams, tok, chat: bool, logprobs: int) -> tuple[list[dict],
     return choices, n_prompt, n_out
 
 
-async def _stream_events(streams, tok, chat, logprobs, body, request_id, model, kind, redactor=None):
+async def _stream_events(streams, tok, chat, logprobs, body, request_id, model, kind, redactor=None,
+                         tool_stream: ToolStream | None = None):
     """Chunks for the SSE stream: role first (chat), then text deltas, finish reasons, usage."""
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
     if chat:
@@ -291,6 +304,15 @@ async def _stream_events(streams, tok, chat, logprobs, body, request_id, model, 
         if not text and not out.finished and lp is None:
             continue
         reason = (out.seq.finish_reason or "stop") if out.finished else None
+        if tool_stream is not None:  # chat with tools: a reply that is a calls object goes out as tool_calls
+            deltas, override = tool_stream.feed(index, text, out.finished)
+            for delta in deltas:
+                yield P.envelope(chunk_kind, request_id, model, [{"index": index, "delta": delta, "logprobs": None,
+                                                                  "finish_reason": None}])
+            if out.finished:
+                yield P.envelope(chunk_kind, request_id, model, [{"index": index, "delta": {}, "logprobs": None,
+                                                                  "finish_reason": override or reason}])
+            continue
         choice = {"index": index, "logprobs": lp, "finish_reason": reason}
         choice.update({"delta": {"content": text}} if chat else {"text": text})
         yield P.envelope(chunk_kind, request_id, model, [choice])
