@@ -25,7 +25,8 @@ def _recipe(out: Path, train: str, evals: str, steps: int, args, continual: dict
 
     overrides = [f"train.max_steps={steps}", f"train.micro_batch={args.micro_batch}", "train.grad_accum=1",
                  f"train.eval_every={steps}", f"train.save_every={steps}", "train.progress=false",
-                 f"data.max_length={args.max_length}", f"train.lr={args.lr}", "train.warmup_steps=5",
+                 "train.gradient_checkpointing=false", f"data.max_length={args.max_length}", f"train.lr={args.lr}",
+                 "train.warmup_steps=5",
                  f"data.train={train}", f"data.eval={evals}", f"out_dir={out}", "device=cpu"]
     overrides += [f"continual.{k}={v}" for k, v in (continual or {}).items()]
     return load_recipe("lora", overrides)
@@ -68,16 +69,16 @@ def run_stage(name: str, recipe, args, results: dict, a_eval: str, b_eval: str) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps-a", type=int, default=60)
-    ap.add_argument("--steps-b", type=int, default=60)
+    ap.add_argument("--steps-a", type=int, default=40)
+    ap.add_argument("--steps-b", type=int, default=40)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=192)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ewc-lambda", type=float, nargs="+", default=[1e4])
-    ap.add_argument("--fisher-batches", type=int, default=32)
+    ap.add_argument("--fisher-batches", type=int, default=16)
     ap.add_argument("--replay-fraction", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_continual"))
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "lmforge" / "bench" / "continual"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "continual.json"))
     args = ap.parse_args()
     import torch
@@ -97,8 +98,10 @@ def main() -> None:
     print("base", results["base"], flush=True)
     a = run_stage("A", _recipe(work / "A", a_train, a_eval, args.steps_a, args), args, results, a_eval, b_eval)
     init = {"init_adapter": a["adapter"]}
-    variants = {"B plain": init, f"B replay {args.replay_fraction:g}": {**init, "replay_data": a_train,
-                                                                       "replay_fraction": args.replay_fraction}}
+    variants = {"B plain": init}
+    if args.replay_fraction > 0:  # --replay-fraction 0: EWC runs only
+        variants[f"B replay {args.replay_fraction:g}"] = {**init, "replay_data": a_train,
+                                                          "replay_fraction": args.replay_fraction}
     for lam in args.ewc_lambda:
         variants[f"B EWC lambda={lam:g}"] = {**init, "ewc_lambda": lam, "previous_data": a_train,
                                              "fisher_batches": args.fisher_batches,

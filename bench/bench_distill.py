@@ -27,7 +27,8 @@ def _recipe(out: Path, args, alpha: float, temperature: float, top_k: int):
     return load_recipe("distill", [
         f"out_dir={out}", "device=cpu", f"train.max_steps={args.steps}", f"train.micro_batch={args.micro_batch}",
         "train.grad_accum=1", f"train.eval_every={args.steps}", f"train.save_every={args.steps}",
-        "train.progress=false", f"train.lr={args.lr}", f"data.max_length={args.max_length}",
+        "train.progress=false", "train.gradient_checkpointing=false", f"train.lr={args.lr}",
+        f"data.max_length={args.max_length}",
         f"distill.alpha={alpha}", f"distill.temperature={temperature}", f"distill.top_k={top_k}",
         f"distill.cache_dir={Path(args.work) / 'teacher_cache'}"])
 
@@ -77,19 +78,19 @@ def faq_eval_loss(model, tok, path: str, args) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--top-k", type=int, default=64, help="teacher top-k cache (0: teacher on the fly)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--draft-tokens", type=int, default=4)
-    ap.add_argument("--sotu-chars", type=int, default=20000)
+    ap.add_argument("--sotu-chars", type=int, default=8000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_distill"))
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "lmforge" / "bench" / "distill"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     args = ap.parse_args()
     import torch
@@ -124,7 +125,8 @@ def main() -> None:
     for name, (alpha, temperature, top_k) in plan.items():
         if name in runs:
             continue
-        recipe = _recipe(Path(args.work) / name.split(" ")[0], args, alpha, temperature, top_k)
+        folder = "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+        recipe = _recipe(Path(args.work) / folder, args, alpha, temperature, top_k)
         t0 = time.perf_counter()
         summary = run(recipe)
         seconds = time.perf_counter() - t0

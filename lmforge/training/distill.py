@@ -117,7 +117,8 @@ def build_cache(teacher, rows: list[list[Example]], k: int, folder: Path, key: s
         part, lps, ids, offsets = rows[start:start + rows_per_shard], [], [], [0]
         for b in range(0, len(part), micro_batch):
             batch = collate(part[b:b + micro_batch], pad_id)
-            lp, idx = teacher_topk(teacher, {k_: v.to(device) if torch.is_tensor(v) else v for k_, v in batch.items()}, k)
+            on_device = {name: v.to(device) if torch.is_tensor(v) else v for name, v in batch.items()}
+            lp, idx = teacher_topk(teacher, on_device, k)
             per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
             lps.append(lp.cpu())
             ids.append(idx.cpu())
