@@ -69,13 +69,13 @@ def run_stage(name: str, recipe, args, results: dict, a_eval: str, b_eval: str) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps-a", type=int, default=40)
-    ap.add_argument("--steps-b", type=int, default=40)
+    ap.add_argument("--steps-a", type=int, default=30)
+    ap.add_argument("--steps-b", type=int, default=30)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--ewc-lambda", type=float, nargs="+", default=[1e4])
-    ap.add_argument("--fisher-batches", type=int, default=16)
+    ap.add_argument("--ewc-lambda", type=float, nargs="+", default=[1e4, 1e6])
+    ap.add_argument("--fisher-batches", type=int, default=8)
     ap.add_argument("--replay-fraction", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "lmforge" / "bench" / "continual"))
@@ -127,7 +127,7 @@ def summarize(results: dict) -> None:
         forget = row["a_loss"] - a_after_a if name != "A" else 0.0
         row["forgetting"] = forget
         cells = ["", ""] if name in ("A", "B plain") else \
-            [f"{1 - forget / plain_forget:+.0%} less" if plain_forget > 0 else "n/a",
+            [f"{1 - forget / plain_forget:.0%} less" if plain_forget > 0 else "n/a",
              f"{row['b_loss'] / plain['b_loss'] - 1:+.1%}"]
         lines.append(f"| {name} | {row['a_loss']:.4f} | {row['b_loss']:.4f} | {forget:+.4f} | {cells[0]} | {cells[1]} "
                      f"| {row['train_s']} |")
