@@ -17,7 +17,7 @@ from torch import nn
 def apply_full(model: nn.Module) -> nn.Module:
     """Make every parameter trainable (in place); the weights must be float32 master weights."""
     low = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
-    if low or any(not isinstance(p, nn.Parameter) for p in model.parameters()):
+    if low:
         raise ValueError(f"full fine-tuning keeps fp32 master weights, but the model holds {low}; load it with "
                          "dtype=torch.float32 (a quantized GGUF is dequantized by load(..., dtype=torch.float32))")
     for p in model.parameters():

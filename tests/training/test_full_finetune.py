@@ -90,3 +90,9 @@ def test_export_loads_in_transformers_with_our_logits(tokenizer, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
     assert (path / "tokenizer.json").is_file()
+
+
+def test_low_precision_weights_are_refused():
+    model = build_model(Config.from_name("tiny-llama")).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="fp32 master weights.*bfloat16"):
+        apply_full(model)
