@@ -20,12 +20,12 @@ def main(metrics: str, out: str) -> None:
     tokens, seen = [], 0
     for r in rows:
         seen += r["tokens"]
-        tokens.append(seen)
+        tokens.append(seen / 1000)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax.plot(tokens, [r["loss"] for r in rows], label="training loss", alpha=0.6)
     held = [(t, r["eval_loss"]) for t, r in zip(tokens, rows) if "eval_loss" in r]
     ax.plot(*zip(*held), "o-", label="held-out loss")
-    ax.set_xlabel("tokens seen")
+    ax.set_xlabel("thousand tokens seen")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend()
     ax.set_title("pretrain-llama-30m from scratch")
