@@ -89,7 +89,8 @@ def ppo_stage(args, reward_model: str | None) -> dict:
               "token_fraction": ["ppo.reward=token_fraction", f"ppo.reward_token_id={token_id(args.reward_token)}"]
               }[args.ppo_reward]
     recipe = load_recipe("ppo", [
-        f"out_dir={out}", "device=cpu", *reward, *prompts, f"train.max_steps={args.ppo_steps}", f"train.lr={args.ppo_lr}",
+        f"out_dir={out}", "device=cpu", *reward, *prompts, f"train.max_steps={args.ppo_steps}",
+        f"train.lr={args.ppo_lr}",
         f"ppo.rollout_batch={args.rollout}", f"ppo.mini_batch={args.rollout // 2}", f"ppo.ppo_epochs={args.ppo_epochs}",
         f"ppo.max_new_tokens={args.max_new_tokens}", f"ppo.kl_target={args.kl_target}",
         f"ppo.init_kl_coef={args.init_kl_coef}", "train.save_every=1",
@@ -101,10 +102,12 @@ def ppo_stage(args, reward_model: str | None) -> dict:
     img.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(summary["plot"], img)
     keep = ("step", "reward", "kl", "kl_coef", "clip_frac", "entropy", "value_loss", "response_length", "seconds")
-    return {"reward": args.ppo_reward if args.ppo_reward != "token_fraction" else f"share of {args.reward_token!r} tokens",
+    name = args.ppo_reward if args.ppo_reward != "token_fraction" else f"share of {args.reward_token!r} tokens"
+    return {"reward": name,
             "kl_target": args.kl_target, "seconds": time.perf_counter() - t0,
             "rows": [{k: r[k] for k in keep} for r in rows], "plot": str(img.relative_to(ROOT)),
-            "settings": {"prompts": args.prompts or "all FAQ train questions", "steps": args.ppo_steps, "lr": args.ppo_lr, "rollout": args.rollout,
+            "settings": {"prompts": args.prompts or "all FAQ train questions", "steps": args.ppo_steps,
+                         "lr": args.ppo_lr, "rollout": args.rollout,
                          "ppo_epochs": args.ppo_epochs, "max_new_tokens": args.max_new_tokens,
                          "init_kl_coef": args.init_kl_coef}}
 

@@ -186,7 +186,8 @@ def update(model, value_head, rollout: Rollout, opt, params: dict, cfg: PPOConfi
             n += 1
     seq_kl = kl.sum(dim=1)  # (B,) per-response KL estimate
     return {**{k: v / n for k, v in sums.items()}, "kl": float(seq_kl.mean()),
-            "non_score_reward": float((-beta * kl).sum(dim=1).mean()), "return_mean": float(masked_mean(returns, r.mask))}
+            "non_score_reward": float((-beta * kl).sum(dim=1).mean()),
+            "return_mean": float(masked_mean(returns, r.mask))}
 
 
 def pick_prompts(prompts: list[list[int]], n: int, seed: int, step: int) -> list[list[int]]:
@@ -351,6 +352,9 @@ def run(recipe, merge: bool = False) -> dict:
 
     if merge:
         raise ValueError("--merge is not offered for PPO; the LoRA adapter is saved in out_dir/adapter")
+    if recipe.adapter != "lora":
+        raise ValueError(f"adapter={recipe.adapter!r}: PPO's reference is the policy with its LoRA adapter off; "
+                         "set adapter: lora")
     out = Path(recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))

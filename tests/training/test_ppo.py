@@ -1,4 +1,5 @@
-"""PPO: the math (objectives/ppo.py) against hand-worked numbers and plain loops; the loop (training/ppo.py) on a tiny model."""
+"""PPO: the math (objectives/ppo.py) against hand-worked numbers and plain loops; the loop (training/ppo.py)
+on a tiny model."""
 
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ def tiny_dir(tmp_path: Path) -> Path:
 
 
 def test_bradley_terry_hand_worked() -> None:
-    """-log sigmoid(1 - 0 - 0.5) = log(1 + e^-0.5); -log sigmoid(0 - 2) = log(1 + e^2); centring adds c (r_c + r_r)^2."""
+    """-log sigmoid(1 - 0 - 0.5) = log(1 + e^-0.5); -log sigmoid(0 - 2) = log(1 + e^2); centring adds
+    c (r_c + r_r)^2."""
     chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     losses = bradley_terry_loss(chosen, rejected, torch.tensor([0.5, 0.0]), center_coef=0.1)
     assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.5)) + 0.1, math.log1p(math.exp(2)) + 0.4])
