@@ -269,7 +269,8 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
           max_body_bytes: int = 1 << 20, max_tokens: int = 4096, max_n: int = 8, semantic_cache: bool = False,
           semantic_threshold: float = 0.95, device: str = "auto", dtype: str = "auto", speculative: str | None = None,
           draft_tokens: int | None = None, guard: bool = False, guard_block_injection: bool = False,
-          guard_trusted_keys: str | None = None) -> int:
+          guard_trusted_keys: str | None = None, adapter: list[str] | None = None,
+          adapter_dir: str | None = None) -> int:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics).
 
     Args:
@@ -296,6 +297,8 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
         guard: scan user text for injections and redact PII in replies (lmforge.safety's Guard; findings in /metrics).
         guard_block_injection: with --guard, refuse (400) user text the injection detector flags.
         guard_trusted_keys: comma-separated API keys that may send 'X-Lmforge-Guard: off' to skip the guard.
+        adapter: LoRA adapters served beside the base, NAME=PATH each; a request names model "SERVED:NAME".
+        adapter_dir: a folder from which POST /v1/adapters may load adapters at run time (DELETE unloads).
     """
     import os
 
@@ -314,6 +317,15 @@ def serve(model: str = DEFAULT, host: str = "127.0.0.1", port: int = 8000, api_k
                     max_prompt_tokens=net.config.block_size - 1)
     settings = ServerSettings(served_name or model, api_key or os.environ.get("LMFORGE_API_KEY"), limits,
                               _server_guard(guard, guard_block_injection, guard_trusted_keys))
+    if adapter or adapter_dir:
+        from lmforge.serving.multi_lora import attach
+
+        settings.adapters, settings.adapter_dir = attach(engine, model), adapter_dir
+        for item in adapter or []:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise ValueError(f"--adapter {item!r}: write NAME=PATH")
+            settings.adapters.load(name, path)
     cache = None
     if semantic_cache:
         from lmforge.rag.embed import MiniLMEmbedder

@@ -39,12 +39,12 @@ class AsyncEngine:
         """Queue a request now (ValueError if refused); iterate the result for its outputs."""
         return self.open_parallel(prompt_ids, [params], logprobs)[0]
 
-    def open_parallel(self, prompt_ids: list[int], params: list[SamplingParams], logprobs: int = 0
-                      ) -> list["RequestStream"]:
+    def open_parallel(self, prompt_ids: list[int], params: list[SamplingParams], logprobs: int = 0,
+                      adapter: str | None = None) -> list["RequestStream"]:
         """Queue one prompt sampled len(params) ways (one prefill, forked); one stream per sample."""
         loop = asyncio.get_running_loop()
         with self._turn():
-            seqs = self.engine.add_parallel(prompt_ids, params, logprobs=logprobs)
+            seqs = self.engine.add_parallel(prompt_ids, params, logprobs=logprobs, adapter=adapter)
             streams = []
             for seq in seqs:
                 queue: asyncio.Queue = asyncio.Queue()
@@ -52,6 +52,11 @@ class AsyncEngine:
                 streams.append(RequestStream(self, seq, queue))
         self._wake.set()
         return streams
+
+    def locked(self, fn, *args):
+        """Run fn(*args) under the engine lock, between steps (loading or unloading an adapter)."""
+        with self._turn():
+            return fn(*args)
 
     def close(self, seq) -> None:
         """Forget a request; abort it if it is still running (its client went away)."""

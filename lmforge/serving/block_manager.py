@@ -72,7 +72,7 @@ class BlockManager:
         assert not seq.block_table and seq.num_computed == 0
         if not self.prefix_caching:
             return 0
-        ids, parent, reused = seq.prompt_ids, None, 0
+        ids, parent, reused = seq.prompt_ids, seq.adapter, 0  # an adapter's keys differ: its own chain
         self.prefix_queries += len(ids)
         while reused + self.block_size < len(ids):
             tokens = tuple(ids[reused:reused + self.block_size])
@@ -122,7 +122,7 @@ class BlockManager:
             index = len(seq.block_hashes)
             ids = ids or seq.all_ids
             tokens = tuple(ids[index * bs:(index + 1) * bs])
-            h = hash((seq.block_hashes[-1] if seq.block_hashes else None, tokens))
+            h = hash((seq.block_hashes[-1] if seq.block_hashes else seq.adapter, tokens))
             block = self.blocks[seq.block_table[index]]
             if block.hash is None and h not in self.by_hash:
                 block.hash, block.tokens = h, tokens

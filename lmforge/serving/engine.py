@@ -74,12 +74,13 @@ class Engine:
     def capacity_tokens(self) -> int:
         return len(self.blocks.blocks) * self.config.block_size
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams, logprobs: int = 0) -> Sequence:
+    def add_request(self, prompt: str | list[int], params: SamplingParams, logprobs: int = 0,
+                    adapter: str | None = None) -> Sequence:
         """Queue a request; raises ValueError when it can never fit."""
-        return self.add_parallel(prompt, [params], logprobs)[0]
+        return self.add_parallel(prompt, [params], logprobs, adapter)[0]
 
-    def add_parallel(self, prompt: str | list[int], params: Seq[SamplingParams], logprobs: int = 0
-                     ) -> list[Sequence]:
+    def add_parallel(self, prompt: str | list[int], params: Seq[SamplingParams], logprobs: int = 0,
+                     adapter: str | None = None) -> list[Sequence]:
         """Queue one prompt sampled len(params) ways (OpenAI's n): one prefill, then forked sequences.
 
         The first sequence computes the prompt; the others share its KV blocks from then on
@@ -87,6 +88,10 @@ class Engine:
         """
         if any(p.num_beams > 1 for p in params):
             raise ValueError("the engine samples; use lmforge.generation.beam for beam search")
+        registry = self.runner.adapters
+        if adapter is not None and (registry is None or adapter not in registry.names):
+            loaded = sorted(registry.names) if registry is not None else []
+            raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {loaded}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         limit = self.model.config.block_size
         if not ids:
@@ -100,6 +105,8 @@ class Engine:
             raise ValueError(f"prompt + max_tokens = {len(ids) + most} tokens exceeds the KV cache "
                              f"({self.capacity_tokens} tokens); raise kv_cache_mib or lower max_tokens")
         seqs = [self._sequence(ids, p, logprobs) for p in params]
+        for seq in seqs:
+            seq.adapter = adapter
         seqs[0].children = seqs[1:]
         self.scheduler.add(seqs[0])
         return seqs

@@ -140,6 +140,7 @@ class ModelRunner:
         self.model, self.cache, self.bs = model, cache, cache.block_size
         self.alibi = model.config.position == "alibi"  # masks become per-head additive biases
         self.device = next(model.parameters()).device
+        self.adapters = None  # multi-LoRA serving: an AdapterRegistry (serving/multi_lora.py), set by the engine
 
     def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cache slots of `positions` (R, P) in the block tables (R, W) of their rows."""
@@ -230,7 +231,10 @@ class ModelRunner:
         pos = positions[None].to(dev)
         slot_mapping = slots.to(dev)
         kinds = set(self.model.config.layer_types)
-        if all(n == 1 or seq.draft_ids for seq, n in zip(batch.seqs, batch.num_tokens)):
+        if self.adapters is not None:  # which packed rows take which adapter's update this step
+            self.adapters.set_rows([seq.adapter for seq in batch.seqs], list(batch.num_tokens), dev)
+        lora = self.adapters is not None and bool(self.adapters.rows)
+        if not lora and all(n == 1 or seq.draft_ids for seq, n in zip(batch.seqs, batch.num_tokens)):
             # decodes and draft verifications only: every token is a row of the fused C++ step, with its own keys
             keys = {kind: self._token_keys(layout, positions, self.model.window(kind)) for kind in kinds}
             logits = paged_step(self.model, input_ids[0], pos[0], self.cache, slot_mapping,

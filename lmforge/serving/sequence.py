@@ -52,6 +52,7 @@ class Sequence:
     draft_ids: list[int] = field(default_factory=list)  # tokens proposed for this step, verified by it
     draft_probs: torch.Tensor | None = None  # (len(draft_ids), V) the draft's q rows, None when one-hot
     grammar: Any = None  # constrained decoding: a GrammarState (lmforge.generation.constrained), or None
+    adapter: str | None = None  # multi-LoRA serving: the LoRA adapter this request runs with (None: the base)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and self.generator is None:

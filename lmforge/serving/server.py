@@ -10,6 +10,7 @@ import asyncio
 import json
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -24,6 +25,7 @@ from lmforge.serving.engine import Engine
 from lmforge.serving.guarding import ServerGuard, StreamRedactor, check_user_texts, redact_output
 from lmforge.serving.limits import BodySizeLimit, Limits
 from lmforge.serving.metrics import Metrics
+from lmforge.serving.multi_lora import AdapterRegistry
 from lmforge.serving.semantic_cache import CachedCompletion
 from lmforge.serving.tool_calls import ToolRequestError, ToolStream, parse_tool_calls, render_messages, request_constraint
 
@@ -36,6 +38,8 @@ class ServerSettings:
     api_key: str | None = None
     limits: Limits = None  # type: ignore[assignment]
     guard: ServerGuard | None = None  # `serve --guard`: input scan, output redaction (guarding.py)
+    adapters: AdapterRegistry | None = None  # multi-LoRA serving: requests name model "<served>:<adapter>"
+    adapter_dir: str | None = None  # runtime loads (POST /v1/adapters) only from inside this folder
 
     def __post_init__(self) -> None:
         self.limits = self.limits or Limits()
@@ -84,10 +88,16 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
         return JSONResponse(P.error_body(str(err.detail), "not_found_error" if err.status_code == 404 else
                                          "invalid_request_error"), status_code=err.status_code)
 
-    def check_model(name: str) -> None:
-        if name != settings.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}",
-                           "not_found_error", "model")
+    def check_model(name: str) -> str | None:
+        """The adapter a model name asks for ("<served>:<adapter>" or "base:<adapter>"), None for the base."""
+        if name == settings.model_name:
+            return None
+        base, _, adapter = name.rpartition(":")
+        loaded = settings.adapters.names if settings.adapters is not None else {}
+        if base in (settings.model_name, "base") and adapter in loaded:
+            return adapter
+        known = [settings.model_name] + [f"{settings.model_name}:{a}" for a in sorted(loaded)]
+        raise APIError(404, f"model {name!r} does not exist; this server serves {known}", "not_found_error", "model")
 
     def budget(ids: list[int], requested: int | None) -> int:
         lim = settings.limits
@@ -109,8 +119,36 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "owned_by": "lmforge",
-                                            "created": 0, "max_model_len": context}]}
+        names = [settings.model_name] + [f"{settings.model_name}:{a}" for a in
+                                         sorted(settings.adapters.names if settings.adapters else {})]
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "lmforge", "created": 0,
+                                            "max_model_len": context, **({"parent": settings.model_name} if ":" in n
+                                                                          else {})} for n in names]}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: dict) -> dict[str, Any]:
+        """Load a LoRA adapter at run time: {"name": ..., "path": ...} (a folder inside --adapter-dir)."""
+        if settings.adapters is None or settings.adapter_dir is None:
+            raise APIError(403, "run-time adapter loading is off; start the server with --adapter-dir DIR")
+        name, path = body.get("name"), body.get("path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            raise APIError(400, 'send {"name": "...", "path": "..."}', param="name")
+        root = Path(settings.adapter_dir).resolve()
+        folder = (root / path).resolve()
+        if not folder.is_relative_to(root):
+            raise APIError(400, f"{path!r} is outside the adapter folder", param="path")
+        try:
+            await asyncio.to_thread(runner.locked, settings.adapters.load, name, folder)
+        except ValueError as err:
+            raise APIError(400, str(err), param="path") from None
+        return {"id": f"{settings.model_name}:{name}", "object": "model", "loaded": True}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str) -> dict[str, Any]:
+        if settings.adapters is None or name not in settings.adapters.names:
+            raise APIError(404, f"adapter {name!r} is not loaded", "not_found_error", "name")
+        await asyncio.to_thread(runner.locked, settings.adapters.unload, name)
+        return {"id": f"{settings.model_name}:{name}", "object": "model", "deleted": True}
 
     def guarded(request: Request, texts: list[str]) -> tuple[list[str], bool]:
         """(texts, whether the output guard runs): user texts scanned, blocked ones refused."""
@@ -123,18 +161,19 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
-        check_model(body.model)
+        adapter = check_model(body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else \
             [p for p in body.prompt if isinstance(p, str)] if isinstance(body.prompt, list) else []
         texts, on = guarded(request, texts)  # token-id prompts: nothing to scan, the output is still guarded
         if texts:
             body.prompt = texts[0] if isinstance(body.prompt, str) else texts
         prompts = _prompt_list(body.prompt, tok)
-        return await serve(body, prompts, body.max_tokens, body.logprobs or 0, chat=False, guard_on=on)
+        return await serve(body, prompts, body.max_tokens, body.logprobs or 0, chat=False, guard_on=on,
+                           adapter=adapter)
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: Request):
-        check_model(body.model)
+        adapter = check_model(body.model)
         try:
             constraint = request_constraint(body)
             messages = render_messages(body.messages, body.tools, body.tool_choice)
@@ -151,10 +190,11 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
             raise APIError(400, str(err), param="messages") from None
         k = (body.top_logprobs or 1) if body.logprobs else 0
         return await serve(body, [tok.encode(text, add_special_tokens=False)], body.max_completion_tokens or
-                           body.max_tokens, k, chat=True, guard_on=on, constraint=constraint, tools=tools)
+                           body.max_tokens, k, chat=True, guard_on=on, constraint=constraint, tools=tools,
+                           adapter=adapter)
 
     async def serve(body, prompts: list[list[int]], requested: int | None, logprobs: int, chat: bool,
-                    guard_on: bool = False, constraint=None, tools=None):
+                    guard_on: bool = False, constraint=None, tools=None, adapter: str | None = None):
         lim = settings.limits
         if body.n > lim.max_n:
             raise APIError(400, f"n={body.n} is above this server's limit {lim.max_n}", param="n")
@@ -163,7 +203,7 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
                            "rate_limit_error")
         plans = [(i, ids, budget(ids, requested)) for i, ids in enumerate(prompts)]
         cache_key = _semantic_key(body, plans, logprobs) if semantic_cache is not None and constraint is None \
-            and tools is None else None
+            and tools is None and adapter is None else None
         if cache_key is not None:
             hit = await asyncio.to_thread(semantic_cache.lookup, tok.decode(plans[0][1]), cache_key)
             metrics.semantic_lookup(hit is not None)
@@ -173,7 +213,7 @@ def create_app(engine: Engine, settings: ServerSettings, semantic_cache=None) ->
             streams = []
             for p, ids, max_new in plans:
                 samples = [body.sampling(max_new, p * body.n + j, constraint) for j in range(body.n)]
-                opened = runner.open_parallel(ids, samples, logprobs)
+                opened = runner.open_parallel(ids, samples, logprobs, adapter)
                 streams += [(p * body.n + j, ids, stream) for j, stream in enumerate(opened)]
         except ValueError as err:
             raise APIError(400, str(err)) from None
