@@ -183,7 +183,8 @@ def data(name: str = "python-faq", out: str | None = None, held_out: float = 0.1
 
     Args:
         name: the data set; python-faq = the Python FAQ from Debian's python3.11-doc; python-faq-pairs = DPO
-            pairs (FAQ answer chosen, SmolLM2-135M-Instruct's own answer rejected; generates ~360 answers).
+            pairs (FAQ answer chosen, SmolLM2-135M-Instruct's own answer rejected; generates ~360 answers);
+            r-manuals = R manual sections (Debian r-doc-pdf), continual learning's task B.
         out: output folder (default: the lmforge cache, where `finetune` looks).
         held_out: fraction held out for evaluation.
         seed: seed of the split.
@@ -192,8 +193,14 @@ def data(name: str = "python-faq", out: str | None = None, held_out: float = 0.1
         from lmforge.training.preference_data import build_command
 
         return build_command(out, held_out, seed)
+    if name == "r-manuals":  # section title -> text records (data/r_manuals.py)
+        from lmforge.data.r_manuals import r_manuals_dataset
+
+        for f in r_manuals_dataset(out or hub.cache_dir() / "data" / "r-manuals", held_out, seed):
+            print(f"{f}: {sum(1 for _ in open(f))} records")
+        return 0
     if name != "python-faq":
-        raise ValueError(f"unknown data set {name!r}; available: python-faq, python-faq-pairs")
+        raise ValueError(f"unknown data set {name!r}; available: python-faq, python-faq-pairs, r-manuals")
     train_file, eval_file = python_faq_dataset(out or default_data_dir(), held_out, seed)
     for f in (train_file, eval_file):
         print(f"{f}: {sum(1 for _ in open(f))} records")
