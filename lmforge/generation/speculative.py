@@ -24,7 +24,7 @@ from lmforge.generation.drafts import (ADAPTIVE_START, MAX_DRAFT_TOKENS, Draft, 
                                        check_draft_tokens)
 from lmforge.generation.fused_decode import chunk_step
 from lmforge.generation.steps import prefill
-from lmforge.generation.kv_cache import KVCache
+from lmforge.generation.kv_cache import KVCache, prefix_length
 from lmforge.generation.sampling import SamplingParams, apply_repetition_penalty, token_probabilities
 
 
@@ -150,6 +150,9 @@ class SpeculativeStream:
                  pad_id: int = 0, draft: Draft | None = None, tokenizer=None) -> None:
         if draft is None:
             raise ValueError("SpeculativeStream needs a draft: NgramDraft() or ModelDraft(model, tokenizer)")
+        if prefix_length(model):
+            raise ValueError("speculative decoding does not run a model with a prefix-tuning adapter (its verify "
+                             "steps do not see the prefix slots); decode without --speculative")
         _check_prompts(model.config, prompts)
         check_compatible(draft, model, tokenizer)
         self.fixed_k = check_draft_tokens(getattr(draft, "k", None))

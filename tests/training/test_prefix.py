@@ -122,3 +122,12 @@ def test_unknown_peft_type_is_named(hf_dir, tmp_path):
     (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(ValueError, match="'IA3' is not supported"):
         load_adapter(load_model(hf_dir), tmp_path / "ia3")
+
+
+def test_speculative_decoding_refuses_a_prefix(hf_dir):
+    from lmforge.generation.drafts import NgramDraft
+    from lmforge.generation.speculative import SpeculativeStream
+
+    model = apply_prefix(load_model(hf_dir), PrefixConfig(num_virtual_tokens=2, init="random")).eval()
+    with pytest.raises(ValueError, match="prefix-tuning"):
+        SpeculativeStream(model, [[1, 2, 3]], SamplingParams(temperature=0), set(), draft=NgramDraft())
