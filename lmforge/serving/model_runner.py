@@ -233,7 +233,7 @@ class ModelRunner:
         kinds = set(self.model.config.layer_types)
         if self.adapters is not None:  # which packed rows take which adapter's update this step
             self.adapters.set_rows([seq.adapter for seq in batch.seqs], list(batch.num_tokens), dev)
-        lora = self.adapters is not None and bool(self.adapters.rows)
+        lora = self.adapters is not None and self.adapters.mask is not None
         if not lora and all(n == 1 or seq.draft_ids for seq, n in zip(batch.seqs, batch.num_tokens)):
             # decodes and draft verifications only: every token is a row of the fused C++ step, with its own keys
             keys = {kind: self._token_keys(layout, positions, self.model.window(kind)) for kind in kinds}

@@ -1,7 +1,10 @@
 """Multi-LoRA serving: many LoRA adapters over one base model in one batch (as S-LoRA and Punica
-serve them). Each targeted linear computes the base product once for every packed token, then adds
-each adapter's low-rank update s * (x A^T) B^T on the rows of the requests that use it. Adapters
-(PEFT layout: adapter_config.json + adapter_model.safetensors) load and unload at run time.
+serve them). Each targeted linear computes the base product once for every packed token, then the
+low-rank updates of all loaded adapters in two small products: the adapters' A matrices stacked
+(sum of ranks x in) and B matrices side by side (out x sum of ranks), with a per-step row mask that
+keeps, for each token, only its own adapter's columns (scaled by its alpha / r) -- so a step costs
+the same few operations per layer however many adapters share the batch. Adapters (PEFT layout:
+adapter_config.json + adapter_model.safetensors) load and unload at run time.
 """
 
 from __future__ import annotations
@@ -18,26 +21,37 @@ PEFT_PREFIX = "base_model.model."
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen linear (same `weight`/`bias` keys) plus per-row LoRA updates chosen by `rows`."""
+    """A frozen linear (the base module kept whole) plus the per-row LoRA updates of every adapter."""
 
     def __init__(self, base: nn.Module, registry: "AdapterRegistry") -> None:
         super().__init__()
         self.base, self.registry = base, registry
-        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # name -> (A, B, scaling)
+        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A (r, in), B (out, r))
+        self.A_cat: torch.Tensor | None = None  # (R, in): every adapter's A in the registry's column order
+        self.B_cat: torch.Tensor | None = None  # (out, R)
+
+    def stack(self, columns: dict[str, tuple[int, int, float]], width: int) -> None:
+        """Rebuild A_cat/B_cat for the registry's column layout (zeros where this layer lacks an adapter)."""
+        if not self.adapters:
+            self.A_cat = self.B_cat = None
+            return
+        out_features, in_features = _shape(self.base)
+        some = next(iter(self.adapters.values()))[0]
+        A_cat = some.new_zeros(width, in_features)
+        B_cat = some.new_zeros(out_features, width)
+        for name, (A, B) in self.adapters.items():
+            start, rank, _ = columns[name]
+            A_cat[start:start + rank], B_cat[:, start:start + rank] = A, B
+        self.A_cat, self.B_cat = A_cat, B_cat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        rows = self.registry.rows  # name -> (N,) indices of the packed tokens using that adapter
-        if not rows or not self.adapters:
+        mask = self.registry.mask  # (N, R): each packed token's adapter columns hold its scaling, others 0
+        if mask is None or self.A_cat is None:
             return y
         flat_x = x.reshape(-1, x.shape[-1])
-        flat_y = y.reshape(-1, y.shape[-1]).clone()  # a fresh tensor: never write into the base's output
-        for name, index in rows.items():
-            if name in self.adapters:
-                A, B, scaling = self.adapters[name]
-                update = (flat_x.index_select(0, index) @ A.t()) @ B.t()  # (rows, r) then (rows, out)
-                flat_y.index_add_(0, index, update.to(flat_y.dtype), alpha=scaling)
-        return flat_y.view(y.shape)
+        low = (flat_x @ self.A_cat.t()) * mask  # (N, R): every adapter's x A^T, kept only where the row uses it
+        return torch.addmm(y.reshape(-1, y.shape[-1]), low.to(y.dtype), self.B_cat.t().to(y.dtype)).view(y.shape)
 
 
 def same_model(a: str, b: str) -> bool:
@@ -66,7 +80,8 @@ class AdapterRegistry:
 
     def __init__(self, model: nn.Module, base_name: str) -> None:
         self.model, self.base_name = model, base_name
-        self.rows: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None  # this step's (N, R) row mask; None when no row uses an adapter
+        self.columns: dict[str, tuple[int, int, float]] = {}  # adapter -> (first column, rank, alpha / r)
         self.names: dict[str, str] = {}  # adapter name -> its folder
         self.lock = threading.Lock()
 
@@ -113,8 +128,18 @@ class AdapterRegistry:
                                      f"which do not fit this model's ({out_features}, {in_features}) weight: the "
                                      "adapter is for another base model")
             for module_name, (A, B) in pairs.items():
-                self._layer(module_name).adapters[name] = (A.to(dtype), B.to(dtype), scaling)
+                self._layer(module_name).adapters[name] = (A.to(dtype), B.to(dtype))
             self.names[name] = str(path)
+            rank = next(iter(pairs.values()))[0].shape[0]
+            width = sum(r for _, r, _ in self.columns.values())
+            self.columns[name] = (width, rank, scaling)
+            self._restack()
+
+    def _restack(self) -> None:
+        width = sum(r for _, r, _ in self.columns.values())
+        for module in self.model.modules():
+            if isinstance(module, MultiLoRALinear):
+                module.stack(self.columns, width)
 
     def _pairs(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module path -> (A, B) from PEFT keys (…q_proj.lora_A.weight, …q_proj.lora_B.weight)."""
@@ -144,17 +169,28 @@ class AdapterRegistry:
                 if isinstance(module, MultiLoRALinear):
                     module.adapters.pop(name, None)
             del self.names[name]
+            kept, start = {}, 0
+            for other, (_, rank, scaling) in self.columns.items():
+                if other != name:
+                    kept[other], start = (start, rank, scaling), start + rank
+            self.columns = kept
+            self._restack()
 
     def set_rows(self, adapters: list[str | None], counts: list[int], device: torch.device) -> None:
-        """Before a step: packed rows of each adapter from the sequences' adapters and token counts."""
-        self.rows = {}
+        """Before a step: the (N, R) row mask from each sequence's adapter and its packed token count."""
+        if all(a is None for a in adapters):
+            self.mask = None
+            return
+        width = sum(r for _, r, _ in self.columns.values())
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(sum(counts), width, dtype=dtype if dtype.is_floating_point else torch.float32)
         position = 0
-        spans: dict[str, list[torch.Tensor]] = {}
         for adapter, n in zip(adapters, counts):
-            if adapter is not None:
-                spans.setdefault(adapter, []).append(torch.arange(position, position + n))
+            if adapter in self.columns:  # an adapter unloaded mid-request: its rows finish on the base
+                start, rank, scaling = self.columns[adapter]
+                mask[position:position + n, start:start + rank] = scaling
             position += n
-        self.rows = {name: torch.cat(parts).to(device) for name, parts in spans.items()}
+        self.mask = mask.to(device)
 
 
 def attach(engine, base_name: str) -> AdapterRegistry:
