@@ -6,7 +6,8 @@ written before any tuning): constrained JSON actions vs the free-text ReAct loop
 
 Tools: calculator, clock (fixed at the set's date), search (BM25 over the Python FAQ's answer chunks,
 Debian python3.11-doc), python (the sandbox). Greedy decoding; at most 4 model calls per task.
-A task succeeds when one of its expected strings is in the final answer (case-insensitive).
+A task succeeds when one of its expected strings is in the final answer as a whole word or number
+(case-insensitive; "36" is not found in "3600").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,7 +46,9 @@ def tools_for(spec: dict) -> list:
 
 
 def succeeded(answer: str | None, expected: list[str]) -> bool:
-    return answer is not None and any(e.lower() in answer.lower() for e in expected)
+    """An expected string in the answer as a whole word or number ("36" is not found in "3600")."""
+    return answer is not None and any(re.search(rf"(?<![\w.]){re.escape(e.lower())}(?![\w])", answer.lower())
+                                      for e in expected)
 
 
 def run_mode(mode: str, loaded, tasks: list[dict], tools: list, max_steps: int) -> list[dict]:
