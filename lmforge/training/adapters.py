@@ -19,10 +19,8 @@ from torch import nn
 
 from lmforge.atomic import atomic_write, atomic_write_json
 from lmforge.training.lora import LoRAConfig, adapter_state, apply_lora
+from lmforge.training.peft_layout import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
 
-PEFT_PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def peft_config(config: LoRAConfig, base_model: str | None = None) -> dict:

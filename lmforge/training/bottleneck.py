@@ -120,7 +120,7 @@ def bottleneck_config_dict(config: BottleneckConfig, base_model: str | None = No
 
 def save_bottleneck(model: nn.Module, path: str | Path, base_model: str | None = None) -> Path:
     """Write the adapters as adapter_config.json + adapter_model.safetensors (keys under base_model.model.)."""
-    from lmforge.training.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
+    from lmforge.training.peft_layout import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
     from safetensors.torch import save_file
 
     config: BottleneckConfig | None = getattr(model, "bottleneck_config", None)
@@ -136,7 +136,7 @@ def save_bottleneck(model: nn.Module, path: str | Path, base_model: str | None =
 
 def load_bottleneck(model: nn.Module, path: str | Path, cfg: dict) -> nn.Module:
     """Apply the adapters saved at `path` (`cfg`: its adapter_config.json); every key must match."""
-    from lmforge.training.adapters import PEFT_PREFIX, WEIGHTS_FILE
+    from lmforge.training.peft_layout import PEFT_PREFIX, WEIGHTS_FILE
     from safetensors.torch import load_file
 
     config = BottleneckConfig(size=int(cfg["bottleneck_size"]), placement=cfg.get("placement", "both"),

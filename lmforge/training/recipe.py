@@ -20,10 +20,10 @@ from lmforge.training.bottleneck import BottleneckConfig
 from lmforge.training.lora import LoRAConfig
 from lmforge.training.prefix import PrefixConfig
 from lmforge.training.objectives.dpo import DPOConfig
-from lmforge.training.pretrain import PretrainConfig
-from lmforge.training.reward import RewardConfig
+from lmforge.training.mixture import PretrainConfig
+from lmforge.training.objectives.reward import RewardConfig
 from lmforge.training.objectives.distill import DistillConfig
-from lmforge.training.ppo import PPOConfig
+from lmforge.training.objectives.ppo import PPOConfig
 from lmforge.training.trainer import TrainConfig
 
 RECIPE_DIR = Path(__file__).with_name("recipes")

@@ -10,33 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.atomic import atomic_write, atomic_write_json
-from lmforge.training.objectives.reward import RewardModel, RewardObjective, pair_accuracy
+from lmforge.training.objectives.reward import RewardConfig, RewardModel, RewardObjective, pair_accuracy  # noqa: F401
 
 CONFIG_FILE = "reward_config.json"
 HEAD_FILE = "score.safetensors"
-
-
-@dataclass
-class RewardConfig:
-    """The `reward` recipe section: trl RewardTrainer's optional centring term and the pair lengths."""
-
-    center_rewards_coefficient: float | None = None  # trl's default None; Eisenstein et al. 2023 use 0.01
-    max_prompt_length: int = 128  # a longer prompt is refused (ValueError naming file:line)
-    max_length: int = 320  # prompt + response; a response is cut to fit
-
-    def __post_init__(self) -> None:
-        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
-            raise ValueError(f"reward.center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0")
-        if not 1 <= self.max_prompt_length < self.max_length:
-            raise ValueError(f"reward.max_prompt_length={self.max_prompt_length} must be >= 1 and below "
-                             f"reward.max_length={self.max_length}")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -125,3 +125,45 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+
+@dataclass
+class PPOConfig:
+    """The `ppo` recipe section. Defaults are trl's PPOConfig, which took them from Ziegler et al.'s
+    lm-human-preferences (beta 0.2 adapted toward 6 nats over a 10000-episode horizon, gamma 1, lam 0.95,
+    clip 0.2 for policy and value, vf_coef 0.1, 4 PPO epochs). The loop's lr, steps, seed, checkpoint
+    interval and grad clipping come from the `train` section (max_steps = PPO iterations)."""
+
+    reward: str = "model"  # model (reward_model below) | token_fraction | length (scripted, transparent)
+    reward_model: str | None = None  # folder written by `lmforge finetune --recipe reward`
+    reward_token_id: int = 0  # token_fraction: reward = share of response tokens equal to this id
+    target_length: int = 32  # length: reward = -|response tokens - target| / target
+    prompts: str | None = None  # JSONL with "prompt" (or Alpaca "instruction"); None -> Python FAQ questions
+    max_prompt_length: int = 128  # longer prompts are skipped
+    rollout_batch: int = 16  # episodes per iteration
+    mini_batch: int = 4  # episodes per gradient step
+    ppo_epochs: int = 4
+    max_new_tokens: int = 48
+    init_kl_coef: float = 0.2  # beta at the start
+    kl_target: float | None = 6.0  # nats per response; None keeps beta fixed
+    kl_horizon: int = 10000
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARDS:
+            raise ValueError(f"ppo.reward={self.reward!r} must be one of {REWARDS}")
+        for name in ("rollout_batch", "mini_batch", "ppo_epochs", "max_new_tokens", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name}={getattr(self, name)} must be >= 1")
+        if self.rollout_batch % self.mini_batch:
+            raise ValueError(f"ppo.rollout_batch={self.rollout_batch} must be a multiple of "
+                             f"ppo.mini_batch={self.mini_batch}")
+        if self.init_kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
+            raise ValueError("ppo.init_kl_coef must be >= 0 and ppo.kl_target > 0 (or null for a fixed beta)")
+
+
+REWARDS = ("model", "token_fraction", "length")

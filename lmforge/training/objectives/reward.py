@@ -10,6 +10,8 @@ center_rewards_coefficient c (Eisenstein et al. 2023), which pulls the rewards t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,3 +123,19 @@ def pair_accuracy(model: RewardModel, batches: list[dict]) -> dict[str, float]:
         rejected.append(rewards[B:])
     model.train(was)
     return pair_stats(torch.cat(chosen), torch.cat(rejected))
+
+
+@dataclass
+class RewardConfig:
+    """The `reward` recipe section: trl RewardTrainer's optional centring term and the pair lengths."""
+
+    center_rewards_coefficient: float | None = None  # trl's default None; Eisenstein et al. 2023 use 0.01
+    max_prompt_length: int = 128  # a longer prompt is refused (ValueError naming file:line)
+    max_length: int = 320  # prompt + response; a response is cut to fit
+
+    def __post_init__(self) -> None:
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ValueError(f"reward.center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(f"reward.max_prompt_length={self.max_prompt_length} must be >= 1 and below "
+                             f"reward.max_length={self.max_length}")
