@@ -127,15 +127,16 @@ def test_named_function_streamed_as_deltas(client) -> None:
     stream = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Weather in Oslo?"}],
                                             tools=TOOLS, stream=True, max_tokens=200,
                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    name, arguments, reason = None, "", None
+    names, arguments, reason = {}, {}, None
     for chunk in stream:
         delta = chunk.choices[0].delta
-        for call in delta.tool_calls or []:
-            name = call.function.name or name
-            arguments += call.function.arguments or ""
+        for call in delta.tool_calls or []:  # OpenAI's deltas: pieces of call `index`
+            names[call.index] = call.function.name or names.get(call.index)
+            arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
         reason = chunk.choices[0].finish_reason or reason
-    assert name == "get_weather" and reason == "tool_calls"
-    jsonschema.validate(json.loads(arguments), SCHEMAS["get_weather"])
+    assert reason == "tool_calls" and names and set(names.values()) == {"get_weather"}
+    for index in names:
+        jsonschema.validate(json.loads(arguments[index]), SCHEMAS["get_weather"])
 
 
 @pytest.mark.real_model
