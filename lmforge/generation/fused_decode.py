@@ -53,6 +53,7 @@ def _matrix(ext, module: nn.Module):
     from lmforge.checkpoint.gguf_blocks import GGUFLinear
     from lmforge.quantization.int4 import GEMV_BLOCK, Int4Linear  # quantization imports the model package
 
+    module = getattr(module, "decode_inner", module)  # a wrapper equal to its inner linear on the fused path
     bias = getattr(module, "bias", None)
     if bias is not None and not _fp32_cpu(bias):
         return None
@@ -76,7 +77,7 @@ def _watch_linear(checks: list, holder: dict, name: str) -> None:
     """Watch the linear holder[name], its weight, bias and buffers (quantized codes, GGUF blocks), and an
     Int4Linear's GEMV packing."""
     _watch(checks, holder, name)
-    module = holder[name]
+    module = getattr(holder[name], "decode_inner", holder[name])
     _watch(checks, module._parameters, "weight")
     _watch(checks, module._parameters, "bias")
     for buffer in module._buffers:

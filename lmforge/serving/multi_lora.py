@@ -30,6 +30,12 @@ class MultiLoRALinear(nn.Module):
         self.A_cat: torch.Tensor | None = None  # (R, in): every adapter's A in the registry's column order
         self.B_cat: torch.Tensor | None = None  # (out, R)
 
+    @property
+    def decode_inner(self) -> nn.Module:
+        """The base linear, for the fused decode step (generation/fused_decode.py): the engine runs that step
+        only when no row of the batch uses an adapter, where this layer computes the base alone."""
+        return self.base
+
     def stack(self, columns: dict[str, tuple[int, int, float]], width: int) -> None:
         """Rebuild A_cat/B_cat for the registry's column layout (zeros where this layer lacks an adapter)."""
         if not self.adapters:

@@ -112,3 +112,21 @@ def test_unload_reload_and_refusals(base, adapters, tmp_path) -> None:
     save_adapter(foreign, tmp_path / "foreign", base_model="tiny-llama")
     with pytest.raises(ValueError, match="another base model"):
         registry.load("y", tmp_path / "foreign")
+
+
+def test_base_only_batches_keep_the_fused_decode_step(base, adapters) -> None:
+    from lmforge.generation import fused_decode
+    from lmforge.kernels import gemv
+
+    if gemv.extension() is None:
+        pytest.skip("lmforge's CPU kernels could not be built here")
+    engine = Engine(_copy(base), ByteTokenizer(), EngineConfig(block_size=8, num_blocks=128))
+    registry = attach(engine, "tiny-llama")
+    registry.load("a0", adapters["a0"])
+    assert fused_decode.plan_for(engine.model) is not None  # the wrapped linears expose their base
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    seqs = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.output_ids for s in seqs] == [generate_ids(base, [p], params)[0] for p in prompts]
