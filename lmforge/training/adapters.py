@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.atomic import atomic_write, atomic_write_json
 from lmforge.training.lora import LoRAConfig, adapter_state, apply_lora
-from lmforge.training.peft_layout import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
+from lmforge.training.peft_layout import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, copy_adapter_tensors
 
 
 
@@ -115,16 +114,8 @@ def load_adapter(model: nn.Module, path: str | Path, quantize: str | None = None
     apply_lora(model, config)
     raw = load_file(str(Path(path) / WEIGHTS_FILE))
     state = {_our_name(k): v for k, v in raw.items()}
-    expected = adapter_state(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: adapter does not fit this model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}; was it trained on another architecture?")
-    with torch.no_grad():
-        for name, param in expected.items():
-            if param.shape != state[name].shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
-            param.copy_(state[name])
+    copy_adapter_tensors(adapter_state(model), state, path, "adapter does",
+                         "was it trained on another architecture?")
     return model
 
 

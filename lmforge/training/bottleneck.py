@@ -136,21 +136,13 @@ def save_bottleneck(model: nn.Module, path: str | Path, base_model: str | None =
 
 def load_bottleneck(model: nn.Module, path: str | Path, cfg: dict) -> nn.Module:
     """Apply the adapters saved at `path` (`cfg`: its adapter_config.json); every key must match."""
-    from lmforge.training.peft_layout import PEFT_PREFIX, WEIGHTS_FILE
+    from lmforge.training.peft_layout import PEFT_PREFIX, WEIGHTS_FILE, copy_adapter_tensors
     from safetensors.torch import load_file
 
     config = BottleneckConfig(size=int(cfg["bottleneck_size"]), placement=cfg.get("placement", "both"),
                               activation=cfg.get("non_linearity", "silu"), scaling=float(cfg.get("scaling", 1.0)))
     apply_bottleneck(model, config)
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(Path(path) / WEIGHTS_FILE)).items()}
-    expected = bottleneck_state(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: bottleneck adapters do not fit this model: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}; load them onto the model they were trained for")
-    with torch.no_grad():
-        for name, param in expected.items():
-            if param.shape != state[name].shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
-            param.copy_(state[name])
+    copy_adapter_tensors(bottleneck_state(model), state, path, "bottleneck adapters do",
+                         "load them onto the model they were trained for")
     return model

@@ -123,3 +123,16 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["rng::torch"])
     if "rng::cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng::cuda"])
+
+
+def restore_trained(ckpt: Checkpoint, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy the checkpoint's trained tensors into `params` (every one must be there), restore the RNG
+    and return its optimizer tensors (the RNG entries left out) for `optim.load_optimizer_tensors`."""
+    missing = set(params) - set(ckpt.trainable)
+    if missing:
+        raise ValueError(f"{ckpt.path}: checkpoint lacks {sorted(missing)[:3]}; it is from another model/adapter")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(ckpt.trainable[name])
+    restore_rng(ckpt.optimizer)
+    return {k: v for k, v in ckpt.optimizer.items() if not k.startswith("rng::")}

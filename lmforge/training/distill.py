@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge import hub
 from lmforge.atomic import atomic_write, atomic_write_json
-from lmforge.training.data import IGNORE_INDEX, Batches, Example, build_rows, collate
+from lmforge.training.data import IGNORE_INDEX, Batches, Example, collate
 from lmforge.training.objectives.distill import DistillConfig, distill_objective
 from lmforge.training.objectives.forward import hidden_states
 from lmforge.training.recipe import Recipe, to_dict
@@ -167,30 +167,12 @@ class CachedBatches(Batches):
         return batch
 
 
-def _rows(recipe: Recipe, tokenizer):
-    """Training rows and eval batches as the SFT recipe builds them (default: the Python FAQ)."""
-    from lmforge.training.finetune import default_data_dir, python_faq_dataset
-
-    d = recipe.data
-    train_path, eval_path = d.train, d.eval
-    if train_path is None:
-        train_file, eval_file = python_faq_dataset(default_data_dir())
-        train_path, eval_path = str(train_file), eval_path or str(eval_file)
-    rows = build_rows(train_path, tokenizer, d.template, d.max_length, d.packing)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    evals = None
-    if eval_path:
-        eval_rows = build_rows(eval_path, tokenizer, d.template, d.max_length, packing=False)
-        evals = Batches(eval_rows, recipe.train.micro_batch, pad, shuffle=False).all()
-    return rows, pad, evals
-
-
 def run(recipe: Recipe, merge: bool = False) -> dict:
     """Distil recipe.distill.teacher into the student; write out_dir/student (HF layout). `merge` is unused
     (the student is trained in full, nothing to merge)."""
     from lmforge.checkpoint.hf import save_pretrained
     from lmforge.checkpoint.load import load
-    from lmforge.training.finetune import _device
+    from lmforge.training.finetune import _device, sft_rows
 
     cfg, out = recipe.distill, Path(recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +181,7 @@ def run(recipe: Recipe, merge: bool = False) -> dict:
     teacher, tokenizer = load(hub.resolve(cfg.teacher, pull_missing=cfg.teacher in hub.REGISTRY),
                               device=device, dtype=torch.float32)
     student, picks = build_student(cfg, teacher, tokenizer, device)
-    rows, pad, evals = _rows(recipe, tokenizer)
+    rows, pad, evals = sft_rows(recipe, tokenizer)
     if cfg.top_k and cfg.alpha > 0:
         folder = build_cache(teacher, rows, cfg.top_k, Path(cfg.cache_dir or out / "teacher_cache"),
                              cache_key(rows, cfg.teacher, teacher, cfg.top_k), pad)

@@ -53,6 +53,12 @@ def setup(recipe: Recipe):
     model, tokenizer = load(hub.resolve(recipe.model, pull_missing=recipe.model in hub.REGISTRY),
                             device=_device(recipe.device), dtype=torch.float32)  # adapters wrap float linears
     apply_adapter(model, recipe)
+    rows, pad, evals = sft_rows(recipe, tokenizer)
+    return model, tokenizer, Batches(rows, recipe.train.micro_batch, pad, seed=recipe.train.seed), evals
+
+
+def sft_rows(recipe: Recipe, tokenizer):
+    """(training rows, pad id, eval batches) of the recipe's SFT data (default: the Python FAQ set)."""
     d = recipe.data
     train_path, eval_path = d.train, d.eval
     if train_path is None:
@@ -60,12 +66,11 @@ def setup(recipe: Recipe):
         train_path, eval_path = str(train_file), eval_path or str(eval_file)
     rows = build_rows(train_path, tokenizer, d.template, d.max_length, d.packing)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    data = Batches(rows, recipe.train.micro_batch, pad, seed=recipe.train.seed)
     evals = None
     if eval_path:
         eval_rows = build_rows(eval_path, tokenizer, d.template, d.max_length, packing=False)
         evals = Batches(eval_rows, recipe.train.micro_batch, pad, shuffle=False).all()
-    return model, tokenizer, data, evals
+    return rows, pad, evals
 
 
 def apply_adapter(model, recipe: Recipe):

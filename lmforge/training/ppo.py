@@ -25,7 +25,7 @@ from torch import nn
 
 from lmforge.generation.generate import generate_ids
 from lmforge.generation.sampling import SamplingParams
-from lmforge.training.checkpoints import latest_checkpoint, restore_rng, rng_tensors, save_checkpoint
+from lmforge.training.checkpoints import latest_checkpoint, restore_trained, rng_tensors, save_checkpoint
 from lmforge.training.lora import disabled_adapters
 from lmforge.training.objectives.forward import hidden_states
 from lmforge.training.objectives.ppo import (AdaptiveKLController, PPOConfig, entropy_from_logits, gae, masked_mean,
@@ -224,14 +224,7 @@ def _resume(root: Path, params: dict, opt, kl_ctl: AdaptiveKLController) -> int:
     ckpt = latest_checkpoint(root)
     if ckpt is None:
         return 0
-    missing = set(params) - set(ckpt.trainable)
-    if missing:
-        raise ValueError(f"{ckpt.path}: checkpoint lacks {sorted(missing)[:3]}; it is from another model/adapter")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(ckpt.trainable[name])
-    load_optimizer_tensors(opt, list(params), {k: v for k, v in ckpt.optimizer.items() if not k.startswith("rng::")})
-    restore_rng(ckpt.optimizer)
+    load_optimizer_tensors(opt, list(params), restore_trained(ckpt, params))
     kl_ctl.value = float(ckpt.state["kl_coef"])
     return int(ckpt.state["step"])
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from lmforge.allocator import keep_freed_memory
 from lmforge.model.moe import dropped_fraction, expert_usage, reset_usage
-from lmforge.training.checkpoints import (average_checkpoints, latest_checkpoint, read_index, restore_rng,
+from lmforge.training.checkpoints import (average_checkpoints, latest_checkpoint, read_index, restore_trained,
                                           rng_tensors, save_checkpoint)
 from lmforge.training.data import Batches
 from lmforge.training.objectives import Objective, count_loss_tokens
@@ -242,15 +242,7 @@ def _resume(root: Path, params, names, opt, data: Batches) -> int:
     ckpt = latest_checkpoint(root)
     if ckpt is None:
         return 0
-    missing = set(params) - set(ckpt.trainable)
-    if missing:
-        raise ValueError(f"{ckpt.path}: checkpoint lacks {sorted(missing)[:3]}; it is from another model/adapter")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(ckpt.trainable[name])
-    opt_state = {k: v for k, v in ckpt.optimizer.items() if not k.startswith("rng::")}
-    load_optimizer_tensors(opt, names, opt_state)
-    restore_rng(ckpt.optimizer)
+    load_optimizer_tensors(opt, names, restore_trained(ckpt, params))
     random.setstate(_py_rng_from(ckpt.state["python_rng"]))
     data.load_state(ckpt.state["data"])
     return int(ckpt.state["step"])
