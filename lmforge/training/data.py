@@ -7,13 +7,14 @@ response gets EOS appended; prompt labels are -100 so the loss covers the respon
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from lmforge.data.io import jsonl_records
 
 IGNORE_INDEX = -100  # torch cross_entropy's ignore_index
 
@@ -74,16 +75,7 @@ def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {path} not found; build the default set with `lmforge data python-faq`")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            records.append(validate_record(obj, f"{path}:{lineno}"))
+    records = [validate_record(obj, where) for where, obj in jsonl_records(path)]
     if not records:
         raise ValueError(f"{path} holds no records")
     return records

@@ -10,13 +10,13 @@ file:line (cutting it would change the question); a response is cut so that prom
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lmforge.data.io import jsonl_records
 from lmforge.training.data import IGNORE_INDEX, Batches, render
 from lmforge.training.objectives.dpo import DPOConfig, reference_logps
 
@@ -56,17 +56,7 @@ def read_pairs(path: str | Path) -> list[tuple[str, dict[str, str]]]:
     if not path.is_file():
         raise ValueError(f"preference file {path} not found; build the default set with "
                          "`lmforge data python-faq-pairs`")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            records.append((where, validate_pair(obj, where)))
+    records = [(where, validate_pair(obj, where)) for where, obj in jsonl_records(path)]
     if not records:
         raise ValueError(f"{path} holds no preference records")
     return records

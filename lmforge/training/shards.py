@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from lmforge.atomic import atomic_write, atomic_write_json
+from lmforge.data.io import jsonl_records
 
 TEXT_SUFFIXES = (".jsonl", ".txt")
 ENCODE_BATCH = 256  # documents per encode_batch call
@@ -69,22 +70,14 @@ def read_documents(path: Path) -> Iterator[tuple[str, str]]:
             raise ValueError(f"{path}: empty text file; remove it from the source")
         yield str(path), text
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or "text" not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{where}: a pretraining record needs a 'text' field, got {keys}")
-            text = record["text"]
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: field 'text' must be a non-empty string, got {text!r:.60}")
-            yield where, text
+    for where, record in jsonl_records(path):
+        if not isinstance(record, dict) or "text" not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{where}: a pretraining record needs a 'text' field, got {keys}")
+        text = record["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: field 'text' must be a non-empty string, got {text!r:.60}")
+        yield where, text
 
 
 def is_held_out(text: str, fraction: float) -> bool:
